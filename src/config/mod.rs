@@ -1,0 +1,308 @@
+//! Configuration: the TOML file (`raw`), checked into the model the gateway runs on
+//! (`validate`). Every error names file, line, column and key path, the way
+//! `authgate check` prints it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use indexmap::IndexMap;
+
+use crate::secret::SecretSource;
+
+mod locate;
+pub(crate) mod raw;
+mod validate;
+
+pub use locate::KeyPath;
+
+/// Where a request body limit is absent: no limit.
+pub const DEFAULT_MAX_REPLAY_BODY: u64 = 1 << 20;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 64 << 10;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Long enough to stop a refresh storm against an API that rejects every token,
+/// short enough that a token revoked a moment after start-up is replaced at once.
+pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A checked configuration: everything the gateway needs, nothing left to parse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from, and its folder (relative paths are resolved there).
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub admin: Option<Admin>,
+    pub audit: Option<Audit>,
+    pub store: StoreConfig,
+    pub outbound: Outbound,
+    pub runtime: Runtime,
+    pub providers: IndexMap<String, ProviderConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// `None`: no `[callers]` section, everyone is allowed (anonymously).
+    pub callers: Option<Vec<CallerConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub max_body: Option<u64>,
+    pub max_replay_body: u64,
+    pub header_timeout: Duration,
+    pub max_header_size: u64,
+    pub max_headers: usize,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audit {
+    pub target: AuditTarget,
+    /// Lines buffered between the request path and the writer before loss is counted.
+    pub buffer: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreKind {
+    Memory,
+    File {
+        path: PathBuf,
+    },
+    Postgres {
+        url: SecretSource,
+        table_prefix: String,
+        poll_interval: Duration,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub key: Option<SecretSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outbound {
+    /// Explicit proxy; `None` falls back to HTTPS_PROXY / HTTP_PROXY / NO_PROXY.
+    pub proxy: Option<Uri>,
+    pub no_proxy: Vec<String>,
+    pub proxy_username: Option<String>,
+    pub proxy_password: Option<SecretSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Runtime {
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    ClientCredentials,
+    RefreshToken,
+    Static,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::ClientCredentials => "client_credentials",
+            GrantKind::RefreshToken => "refresh_token",
+            GrantKind::Static => "static",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlg {
+    RS256,
+    ES256,
+    PS256,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientAuth {
+    /// Public client: `client_id` in the form body, no secret.
+    None,
+    SecretBasic(SecretSource),
+    SecretPost(SecretSource),
+    PrivateKeyJwt {
+        key: PathBuf,
+        key_id: Option<String>,
+        alg: JwtAlg,
+    },
+    TlsClientAuth {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// How a provider gets its credential.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Grant {
+    Static {
+        token: SecretSource,
+    },
+    ClientCredentials(OAuthClient),
+    RefreshToken {
+        client: OAuthClient,
+        initial_refresh_token: SecretSource,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OAuthClient {
+    pub token_url: Uri,
+    pub client_id: String,
+    pub auth: ClientAuth,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub grant: Grant,
+    /// `None`: the default margin, which adapts to the token's lifetime.
+    pub refresh_before: Option<Duration>,
+    pub min_refresh_interval: Duration,
+    pub header: HeaderName,
+    pub scheme: String,
+    pub expose_to: Vec<String>,
+}
+
+impl ProviderConfig {
+    pub fn grant_kind(&self) -> GrantKind {
+        match self.grant {
+            Grant::Static { .. } => GrantKind::Static,
+            Grant::ClientCredentials(_) => GrantKind::ClientCredentials,
+            Grant::RefreshToken { .. } => GrantKind::RefreshToken,
+        }
+    }
+
+    pub fn oauth(&self) -> Option<&OAuthClient> {
+        match &self.grant {
+            Grant::Static { .. } => None,
+            Grant::ClientCredentials(c) | Grant::RefreshToken { client: c, .. } => Some(c),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Label in metrics, audit and errors: the `name` key, else the prefix.
+    pub name: String,
+    /// Normalized: starts with '/', no trailing '/' (except the root route "/").
+    pub prefix: String,
+    pub upstream: Uri,
+    pub provider: Option<String>,
+    /// `None`: every identified caller.
+    pub allow: Option<Vec<String>>,
+    pub timeout: Duration,
+    pub replay: bool,
+    pub tls: UpstreamTls,
+}
+
+/// What a route adds to the OS trust store and presents to its upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct UpstreamTls {
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallerConfig {
+    pub name: String,
+    pub addrs: Vec<ipnet::IpNet>,
+    pub cert_names: Vec<String>,
+    pub key: Option<SecretSource>,
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let (Some(line), Some(col)) = (self.line, self.column) {
+            write!(f, ":{line}:{col}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            column: None,
+            key: None,
+            message: format!("cannot read config: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::parse(path, text)
+    }
+
+    /// The folder relative paths are resolved against.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or_else(|| Path::new("."))
+    }
+
+    pub fn route_by_name(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+/// The config path from `--config`, else `$AUTHGATE_CONFIG`, else `./proxy.toml`.
+pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("AUTHGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"))
+}
