@@ -501,52 +501,53 @@ fn provider(
             timeout: p.timeout.map_or(DEFAULT_TOKEN_TIMEOUT, |d| d.0),
         })
     };
-    let grant =
-        match p.grant.as_str() {
-            "static" => {
-                let token = secret_pair(
-                    at,
-                    "token",
-                    p.token_env.clone(),
-                    p.token_file.clone(),
-                    resolve,
-                )?
-                .ok_or_else(|| {
-                    (
-                        at.key("grant"),
-                        "grant = \"static\" needs token_env or token_file".to_owned(),
-                    )
-                })?;
-                Grant::Static { token }
+    let grant = match p.grant.as_str() {
+        "static" => {
+            let token = secret_pair(
+                at,
+                "token",
+                p.token_env.clone(),
+                p.token_file.clone(),
+                resolve,
+            )?
+            .ok_or_else(|| {
+                (
+                    at.key("grant"),
+                    "grant = \"static\" needs token_env or token_file".to_owned(),
+                )
+            })?;
+            Grant::Static { token }
+        }
+        "client_credentials" => Grant::ClientCredentials(oauth(&p)?),
+        "refresh_token" => {
+            let initial = secret_pair(
+                at,
+                "refresh_token",
+                p.refresh_token_env.clone(),
+                p.refresh_token_file.clone(),
+                resolve,
+            )?
+            .ok_or_else(|| {
+                (
+                    at.key("grant"),
+                    "grant = \"refresh_token\" needs refresh_token_env or refresh_token_file"
+                        .to_owned(),
+                )
+            })?;
+            Grant::RefreshToken {
+                client: oauth(&p)?,
+                initial_refresh_token: initial,
             }
-            "client_credentials" => Grant::ClientCredentials(oauth(&p)?),
-            "refresh_token" => {
-                let initial = secret_pair(
-                    at,
-                    "refresh_token",
-                    p.refresh_token_env.clone(),
-                    p.refresh_token_file.clone(),
-                    resolve,
-                )?
-                .ok_or_else(|| {
-                    (
-                        at.key("grant"),
-                        "grant = \"refresh_token\" needs refresh_token_env or refresh_token_file"
-                            .to_owned(),
-                    )
-                })?;
-                Grant::RefreshToken {
-                    client: oauth(&p)?,
-                    initial_refresh_token: initial,
-                }
-            }
-            other => return Err((
+        }
+        other => {
+            return Err((
                 at.key("grant"),
                 format!(
                     "unknown grant {other:?} (known: client_credentials, refresh_token, static)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let header_name = p.header.as_deref().unwrap_or("authorization");
     let header = HeaderName::from_bytes(header_name.as_bytes()).map_err(|_| {
         (
