@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod file;
 pub mod memory;
 pub mod postgres;
+pub mod record;
 
 /// What survives a restart for one provider.
 #[derive(Clone, PartialEq, Eq)]
