@@ -1,1 +1,416 @@
-//! (to be written)
+//! The embedded default store: one JSON document beside the config
+//! (`{"version": 1, "providers": {"crm": TokenRecord, ...}}`).
+//!
+//! The document is read once at start-up and kept in memory, so `load` never touches
+//! the disk. Every `save` rewrites the whole file atomically (temp file in the same
+//! folder, fsync, rename over, fsync the folder): a crash leaves either the old or
+//! the new document, never a torn one. An unreadable document is set aside and the
+//! store starts empty; a token that cannot be decrypted is a start-up error, because
+//! it means the wrong key is configured and silently dropping the tokens would throw
+//! away a rotated refresh token for good.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::crypto::Cipher;
+use super::record::TokenRecord;
+use super::{StoreError, StoreFuture, StoredToken, TokenStore};
+
+/// The document format this build reads and writes.
+const VERSION: u64 = 1;
+
+/// Makes temp and probe names unique within the process, so two stores on the same
+/// path (e.g. old and new config during a reload) never share a temp file.
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Serialize, Deserialize)]
+struct Document {
+    version: u64,
+    providers: BTreeMap<String, TokenRecord>,
+}
+
+/// Read first, on its own, so an unknown version is reported as such rather than as
+/// whatever field the newer format changed.
+#[derive(Deserialize)]
+struct Header {
+    version: Option<serde_json::Value>,
+}
+
+pub struct FileStore {
+    shared: Arc<Shared>,
+    // Held by the blocking write itself (an owned guard moved into it), so a caller
+    // that gives up on a save cannot let the next save start before it finished.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Shared {
+    path: PathBuf,
+    cipher: Option<Arc<Cipher>>,
+    /// What is on disk, decrypted. Replaced only after a write succeeded.
+    tokens: Mutex<BTreeMap<String, StoredToken>>,
+}
+
+impl FileStore {
+    /// Opens (or creates) the store at `path`. Blocking file I/O: call it at start-up
+    /// or from `spawn_blocking` (`store::open` does).
+    ///
+    /// Errors, all meant for a start-up message:
+    /// - `Io` naming the folder when it cannot be created or written (probed with a
+    ///   test file), or the file when it exists but cannot be read. Whether that is
+    ///   fatal is the caller's decision: it may log it and fall back to a memory store.
+    /// - `Crypto` naming the file and provider when a stored token does not decrypt
+    ///   with the configured key (wrong key).
+    /// - `Config` when the file is encrypted and no key is configured.
+    ///
+    /// A corrupt document or one of an unknown version is not an error: it is renamed
+    /// to `<file>.corrupt-<unix-ts>`, a warning names it, and the store starts empty.
+    pub fn open(path: &Path, cipher: Option<Arc<Cipher>>) -> Result<FileStore, StoreError> {
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                StoreError::Config(format!(
+                    "store path {} does not name a file",
+                    path.display()
+                ))
+            })?
+            .to_owned();
+        let dir = parent_dir(path);
+        create_dir(&dir)
+            .map_err(|e| io_error(&dir, context(e, "cannot create the store folder")))?;
+        probe_writable(&dir, &file_name)
+            .map_err(|e| io_error(&dir, context(e, "the store folder is not writable")))?;
+        remove_stale_temps(&dir, &file_name);
+
+        let mut tokens = BTreeMap::new();
+        let mut plaintext = 0usize;
+        for (provider, record) in read_document(path)? {
+            plaintext += usize::from(!record.encrypted);
+            let token = record
+                .open(&provider, cipher.as_deref())
+                .map_err(|e| locate(e, path, &provider))?;
+            tokens.insert(provider, token);
+        }
+        if cipher.is_some() && plaintext > 0 {
+            tracing::info!(
+                file = %path.display(),
+                records = plaintext,
+                "token store holds unencrypted records; they are encrypted on the next save"
+            );
+        }
+        Ok(FileStore {
+            shared: Arc::new(Shared {
+                path: path.to_owned(),
+                cipher,
+                tokens: Mutex::new(tokens),
+            }),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+}
+
+impl Shared {
+    fn tokens(&self) -> MutexGuard<'_, BTreeMap<String, StoredToken>> {
+        // Only ever replaced whole, so a poisoned lock still guards a consistent map.
+        self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes the document with `token` in it, then makes it the in-memory state.
+    fn commit(&self, provider: String, token: StoredToken) -> Result<(), StoreError> {
+        let mut next = self.tokens().clone();
+        next.insert(provider, token);
+        let bytes = self.encode(&next)?;
+        write_atomic(&self.path, &bytes).map_err(|e| io_error(&self.path, e))?;
+        *self.tokens() = next;
+        Ok(())
+    }
+
+    fn encode(
+        &self,
+        tokens: &BTreeMap<String, StoredToken>,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let providers = tokens
+            .iter()
+            .map(|(name, t)| {
+                Ok((
+                    name.clone(),
+                    TokenRecord::seal(name, t, self.cipher.as_deref())?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let doc = Document {
+            version: VERSION,
+            providers,
+        };
+        let mut bytes = Zeroizing::new(
+            serde_json::to_vec_pretty(&doc)
+                .map_err(|e| io_error(&self.path, io::Error::other(e)))?,
+        );
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+}
+
+impl fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileStore")
+            .field("path", &self.shared.path)
+            .field("encrypted", &self.shared.cipher.is_some())
+            .field("providers", &self.shared.tokens().len())
+            .finish()
+    }
+}
+
+impl TokenStore for FileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn load<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Option<StoredToken>> {
+        Box::pin(async move { Ok(self.shared.tokens().get(provider).cloned()) })
+    }
+
+    fn save<'a>(&'a self, provider: &'a str, token: &'a StoredToken) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let writing = Arc::clone(&self.writer).lock_owned().await;
+            let shared = Arc::clone(&self.shared);
+            let (provider, token) = (provider.to_owned(), token.clone());
+            tokio::task::spawn_blocking(move || {
+                let _writing = writing;
+                shared.commit(provider, token)
+            })
+            .await
+            .map_err(|e| {
+                io_error(
+                    &self.shared.path,
+                    io::Error::other(format!("store write task failed: {e}")),
+                )
+            })?
+        })
+    }
+}
+
+/// The records in the file; empty when there is none, or when it was set aside.
+fn read_document(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => Zeroizing::new(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(io_error(path, e)),
+    };
+    match parse(&bytes) {
+        Ok(providers) => Ok(providers),
+        Err(reason) => {
+            set_aside(path, &reason);
+            Ok(BTreeMap::new())
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<BTreeMap<String, TokenRecord>, String> {
+    let header: Header = serde_json::from_slice(bytes).map_err(|e| describe(&e))?;
+    match header.version.as_ref().map(|v| v.as_u64()) {
+        Some(Some(VERSION)) => {}
+        Some(Some(other)) => {
+            return Err(format!(
+                "unknown version {other} (this build reads {VERSION})"
+            ))
+        }
+        Some(None) => return Err("unknown version (not a number)".into()),
+        None => return Err("no \"version\" field".into()),
+    }
+    let doc: Document = serde_json::from_slice(bytes).map_err(|e| describe(&e))?;
+    Ok(doc.providers)
+}
+
+/// serde_json's own messages can quote values from the file, which may be tokens:
+/// keep only the kind of error and where it is.
+fn describe(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "invalid JSON",
+        Category::Data => "unexpected content",
+        Category::Eof => "truncated JSON",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
+}
+
+fn set_aside(path: &Path, reason: &str) {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = with_suffix(path, &format!(".corrupt-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = with_suffix(path, &format!(".corrupt-{stamp}-{n}"));
+        n += 1;
+    }
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(
+            file = %path.display(),
+            moved_to = %aside.display(),
+            reason,
+            "token store file is unreadable: set aside, starting with an empty store"
+        ),
+        Err(e) => tracing::warn!(
+            file = %path.display(),
+            reason,
+            error = %e,
+            "token store file is unreadable and could not be set aside: starting with an \
+             empty store, the file is replaced on the next save"
+        ),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent_dir(path);
+    let tmp = with_suffix(path, &format!(".tmp-{}", unique()));
+    let written = write_then_rename(&tmp, path, bytes);
+    if written.is_err() {
+        // Best effort: the temp file may hold secrets and must not pile up.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(&dir)
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = create_private(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    // Windows cannot rename a file that is still open.
+    drop(file);
+    fs::rename(tmp, path)
+}
+
+/// A new file only its owner can read (Unix); the mode is also set explicitly, in
+/// case a file of that name already existed with a wider one.
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Makes the rename itself durable.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Windows cannot open a folder as a file to flush it; NTFS journals the rename.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+fn create_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// Permission bits say little (root, ACLs, read-only mounts): only a real write tells
+/// whether saves will work.
+fn probe_writable(dir: &Path, file_name: &str) -> io::Result<()> {
+    let probe = dir.join(format!("{file_name}.probe-{}", unique()));
+    let written = create_private(&probe).and_then(|mut f| f.write_all(b"probe"));
+    let removed = fs::remove_file(&probe);
+    written?;
+    removed
+}
+
+/// Temp files left by a crash hold a copy of the tokens; remove them, except this
+/// process's own (another store on the same path may be mid-write).
+fn remove_stale_temps(dir: &Path, file_name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{file_name}.tmp-");
+    let own = format!("{prefix}{}-", std::process::id());
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(&prefix) && !name.starts_with(&own) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::debug!(file = %entry.path().display(), "removed a stale store temp file")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a stale store temp file")
+                }
+            }
+        }
+    }
+}
+
+fn unique() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT_TEMP.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn io_error(path: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Adds the file and provider to a record's error so the start-up message says
+/// where the problem is.
+fn locate(e: StoreError, path: &Path, provider: &str) -> StoreError {
+    let at = format!("{} (provider {provider:?})", path.display());
+    match e {
+        StoreError::Crypto(msg) => StoreError::Crypto(format!("{at}: {msg}")),
+        StoreError::Config(msg) => StoreError::Config(format!("{at}: {msg}")),
+        other => other,
+    }
+}

@@ -5,7 +5,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use crate::config::{StoreConfig, StoreKind};
 use crate::secret::Secret;
 
 pub mod crypto;
@@ -13,6 +15,54 @@ pub mod file;
 pub mod memory;
 pub mod postgres;
 pub mod record;
+
+/// Builds the configured store: loads the key (when set) and opens the backend.
+///
+/// Every error is meant for a start-up message and names what is wrong (a key
+/// source, a path, a provider) without any secret value. A file-store `Io` error
+/// (folder not writable, file unreadable) may be treated by the caller as
+/// non-fatal: log it and fall back to a `MemoryStore`; a `Crypto` or `Config`
+/// error means the configuration is wrong and should stop the start-up.
+pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn TokenStore>, StoreError> {
+    let cipher = match &cfg.key {
+        None => None,
+        Some(source) => {
+            let key = source
+                .load()
+                .map_err(|e| StoreError::Config(format!("cannot load the store key: {e}")))?;
+            let cipher = crypto::Cipher::from_key(&key).map_err(|e| match e {
+                StoreError::Crypto(msg) => {
+                    StoreError::Config(format!("store key from {}: {msg}", source.describe()))
+                }
+                other => other,
+            })?;
+            Some(Arc::new(cipher))
+        }
+    };
+    match &cfg.kind {
+        StoreKind::Memory => Ok(Arc::new(memory::MemoryStore::new())),
+        StoreKind::File { path } => {
+            let at = path.clone();
+            let store = tokio::task::spawn_blocking(move || file::FileStore::open(&at, cipher))
+                .await
+                .map_err(|e| StoreError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(format!("store open task failed: {e}")),
+                })??;
+            Ok(Arc::new(store))
+        }
+        StoreKind::Postgres {
+            url,
+            table_prefix,
+            poll_interval,
+        } => {
+            let url = url
+                .load()
+                .map_err(|e| StoreError::Config(format!("cannot load the database URL: {e}")))?;
+            postgres::open(&url, table_prefix, *poll_interval, cipher).await
+        }
+    }
+}
 
 /// What survives a restart for one provider.
 #[derive(Clone, PartialEq, Eq)]
