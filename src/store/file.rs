@@ -414,3 +414,283 @@ fn locate(e: StoreError, path: &Path, provider: &str) -> StoreError {
         other => other,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::store::record::tests::{cipher, token};
+
+    fn key(byte: &str) -> Option<Arc<Cipher>> {
+        Some(Arc::new(cipher(byte)))
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn round_trip_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/tokens.json");
+        let store = FileStore::open(&path, None).unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), None);
+        store.save("crm", &token(1)).await.unwrap();
+        store.save("erp", &token(7)).await.unwrap();
+        store.save("crm", &token(2)).await.unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), Some(token(2)));
+
+        let reopened = FileStore::open(&path, None).unwrap();
+        assert_eq!(reopened.load("crm").await.unwrap(), Some(token(2)));
+        assert_eq!(reopened.load("erp").await.unwrap(), Some(token(7)));
+
+        let doc: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(doc["version"], 1);
+        assert_eq!(doc["providers"]["crm"]["generation"], 2);
+    }
+
+    #[tokio::test]
+    async fn encrypted_file_holds_no_plaintext_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path, key("ab")).unwrap();
+        store.save("crm", &token(1)).await.unwrap();
+
+        let bytes = fs::read(&path).unwrap();
+        assert!(!contains(&bytes, "access-secret"));
+        assert!(!contains(&bytes, "refresh-secret"));
+        assert!(contains(&bytes, "\"encrypted\": true"));
+
+        let reopened = FileStore::open(&path, key("ab")).unwrap();
+        assert_eq!(reopened.load("crm").await.unwrap(), Some(token(1)));
+    }
+
+    #[tokio::test]
+    async fn wrong_key_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        FileStore::open(&path, key("ab"))
+            .unwrap()
+            .save("crm", &token(1))
+            .await
+            .unwrap();
+
+        let err = FileStore::open(&path, key("cd")).unwrap_err();
+        assert!(matches!(err, StoreError::Crypto(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("wrong store key"), "{msg}");
+        assert!(
+            msg.contains("tokens.json") && msg.contains("\"crm\""),
+            "{msg}"
+        );
+        assert!(path.exists(), "a wrong key never destroys the store");
+    }
+
+    #[tokio::test]
+    async fn encrypted_store_without_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        FileStore::open(&path, key("ab"))
+            .unwrap()
+            .save("crm", &token(1))
+            .await
+            .unwrap();
+
+        let err = FileStore::open(&path, None).unwrap_err();
+        assert!(matches!(err, StoreError::Config(_)), "{err}");
+        assert!(err.to_string().contains(crate::store::record::NO_KEY));
+    }
+
+    #[tokio::test]
+    async fn plaintext_store_is_encrypted_once_a_key_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let plain = FileStore::open(&path, None).unwrap();
+        plain.save("crm", &token(1)).await.unwrap();
+        assert!(contains(&fs::read(&path).unwrap(), "access-secret-1"));
+
+        let sealed = FileStore::open(&path, key("ab")).unwrap();
+        assert_eq!(sealed.load("crm").await.unwrap(), Some(token(1)));
+        // A save for another provider rewrites every record sealed.
+        sealed.save("erp", &token(2)).await.unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert!(!contains(&bytes, "access-secret"), "all records sealed");
+        assert!(!contains(&bytes, "refresh-secret"));
+    }
+
+    #[tokio::test]
+    async fn corrupt_file_is_set_aside_and_store_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        fs::write(&path, b"{\"version\": 1, \"providers\": {\"crm\": ").unwrap();
+
+        let store = FileStore::open(&path, None).unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), None);
+        let names = names_in(dir.path());
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("tokens.json.corrupt-"), "{names:?}");
+        assert_eq!(
+            fs::read(dir.path().join(&names[0])).unwrap(),
+            b"{\"version\": 1, \"providers\": {\"crm\": ",
+            "kept as it was, for the operator"
+        );
+
+        store.save("crm", &token(1)).await.unwrap();
+        assert!(FileStore::open(&path, None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn unknown_version_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        fs::write(&path, br#"{"version": 2, "providers": {}, "shiny": true}"#).unwrap();
+
+        let store = FileStore::open(&path, None).unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), None);
+        assert!(!path.exists());
+        assert!(names_in(dir.path())[0].starts_with("tokens.json.corrupt-"));
+    }
+
+    #[test]
+    fn corruption_reason_never_quotes_the_file() {
+        let reason = parse(
+            br#"{"version": 1, "providers": {"crm": {"access_token": 5,
+            "generation": "leaked-token-value"}}}"#,
+        )
+        .unwrap_err();
+        assert!(!reason.contains("leaked"), "{reason}");
+        assert!(reason.contains("line"), "{reason}");
+        assert!(parse(b"[]").is_err());
+        assert!(parse(b"").is_err());
+        assert!(parse(br#"{"providers": {}}"#)
+            .unwrap_err()
+            .contains("version"));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn file_is_private_and_new_folder_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/tokens.json");
+        let store = FileStore::open(&path, None).unwrap();
+        store.save("crm", &token(1)).await.unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+    }
+
+    // The tests run as root here, and root ignores permission bits, so a chmod'ed
+    // folder would still be writable. These paths fail for root too.
+    #[cfg(unix)]
+    #[test]
+    fn folder_that_cannot_exist_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-folder");
+        fs::write(&blocker, b"x").unwrap();
+        // The store folder would have to be created inside a regular file.
+        let path = blocker.join("state/tokens.json");
+        let err = FileStore::open(&path, None).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&blocker.join("state").display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains("cannot create the store folder"), "{msg}");
+    }
+
+    // /proc/self exists but no file can be created in it, whoever asks: this reaches
+    // the write probe, not the folder creation.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn unwritable_folder_is_an_error_naming_it() {
+        let err = FileStore::open(Path::new("/proc/self/tokens.json"), None).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("/proc/self"), "{msg}");
+        assert!(msg.contains("not writable"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn save_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path, key("ab")).unwrap();
+        for gen in 1..=5 {
+            store.save("crm", &token(gen)).await.unwrap();
+        }
+        assert_eq!(names_in(dir.path()), ["tokens.json"]);
+    }
+
+    #[tokio::test]
+    async fn stale_temp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let stale = dir.path().join("tokens.json.tmp-4000000000-0");
+        fs::write(&stale, b"{\"half\": ").unwrap();
+        FileStore::open(&path, None).unwrap();
+        assert!(!stale.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_saves_leave_a_valid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = Arc::new(FileStore::open(&path, key("ab")).unwrap());
+        let tasks: Vec<_> = (0..40u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    // Half write their own provider, half fight over one.
+                    let provider = if i % 2 == 0 {
+                        format!("p{i}")
+                    } else {
+                        "shared".into()
+                    };
+                    store.save(&provider, &token(i)).await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+
+        assert_eq!(names_in(dir.path()), ["tokens.json"]);
+        let reopened = FileStore::open(&path, key("ab")).unwrap();
+        for i in (0..40u64).step_by(2) {
+            assert_eq!(
+                reopened.load(&format!("p{i}")).await.unwrap(),
+                Some(token(i))
+            );
+        }
+        let shared = reopened.load("shared").await.unwrap().unwrap();
+        assert_eq!(shared.generation % 2, 1);
+        assert_eq!(
+            store.load("shared").await.unwrap(),
+            Some(shared),
+            "memory and disk agree"
+        );
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("tokens.json"), key("ab")).unwrap();
+        store.shared.tokens().insert("crm".into(), token(1));
+        let dbg = format!("{store:?}");
+        assert!(!dbg.contains("secret"), "{dbg}");
+        assert!(dbg.contains("encrypted: true"), "{dbg}");
+    }
+}

@@ -171,3 +171,77 @@ impl fmt::Debug for RefreshLease {
         f.write_str("RefreshLease")
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretSource;
+    use std::time::Duration;
+
+    fn config(kind: StoreKind, key: Option<SecretSource>) -> StoreConfig {
+        StoreConfig { kind, key }
+    }
+
+    #[tokio::test]
+    async fn opens_each_kind() {
+        let memory = open(&config(StoreKind::Memory, None)).await.unwrap();
+        assert_eq!(memory.kind(), "memory");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("store.key");
+        std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
+        let path = dir.path().join("state/tokens.json");
+        let file = open(&config(
+            StoreKind::File { path: path.clone() },
+            Some(SecretSource::File(key_file)),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(file.kind(), "file");
+        file.save("crm", &record::tests::token(1)).await.unwrap();
+        assert!(!String::from_utf8(std::fs::read(&path).unwrap())
+            .unwrap()
+            .contains("access-secret"));
+    }
+
+    #[tokio::test]
+    async fn bad_key_is_a_config_error_without_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("store.key");
+        std::fs::write(&key_file, "too-short-key-value").unwrap();
+        let cfg = config(
+            StoreKind::Memory,
+            Some(SecretSource::File(key_file.clone())),
+        );
+        let msg = open(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("store.key"), "{msg}");
+        assert!(!msg.contains("too-short-key-value"), "{msg}");
+
+        let missing = dir.path().join("absent.key");
+        let cfg = config(StoreKind::Memory, Some(SecretSource::File(missing)));
+        let err = open(&cfg).await.unwrap_err();
+        assert!(matches!(err, StoreError::Config(_)));
+        assert!(err.to_string().contains("absent.key"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn postgres_dispatches_to_its_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("db.url");
+        std::fs::write(&url_file, "postgres://u:pw@localhost/db").unwrap();
+        let cfg = config(
+            StoreKind::Postgres {
+                url: SecretSource::File(url_file),
+                table_prefix: "authgate".into(),
+                poll_interval: Duration::from_secs(30),
+            },
+            None,
+        );
+        // Whatever the backend answers (the stub, or no database here), the URL and
+        // its password never show.
+        if let Err(e) = open(&cfg).await {
+            assert!(!e.to_string().contains("pw@"), "{e}");
+        }
+    }
+}
