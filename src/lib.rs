@@ -5,7 +5,21 @@
 //! The binary (`main.rs`) is a thin shell over this library so that tests can drive
 //! every piece in-process.
 
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod caller;
 pub mod config;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod metrics;
 pub mod route;
 pub mod secret;
+pub mod server;
 pub mod store;
+pub mod tls;
+pub mod token;
+
+pub use app::App;
+pub use config::Config;

@@ -1,1 +1,189 @@
-fn main() {}
+//! The `authgate` command: argument parsing, logging, exit codes. The work is in
+//! the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use authgate::config::{self, Config};
+
+#[derive(Parser, Debug)]
+#[command(name = "authgate", version, about = "Outbound authenticating gateway: one owner of each OAuth token")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (default: $AUTHGATE_CONFIG, else ./proxy.toml)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve (the default)
+    Run,
+    /// Validate the config and print the routes; exit 0 when valid, 2 when not
+    Check,
+    /// Obtain a token once through PROVIDER and print its metadata
+    Token {
+        provider: String,
+        /// Also print the token itself
+        #[arg(long)]
+        reveal: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let path = config::resolve_path(cli.config.clone());
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&config),
+        Command::Run => with_runtime(&config, run(config.clone(), path)),
+        Command::Token { provider, reveal } => with_runtime(&config, token(config.clone(), provider, reveal)),
+    }
+}
+
+fn with_runtime(config: &Config, fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = config.runtime.worker_threads {
+        rt.worker_threads(n);
+    }
+    match rt.build() {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(config: &Config) -> ExitCode {
+    println!("{}: OK", config.path.display());
+    println!("routes:");
+    for r in &config.routes {
+        let provider = r.provider.as_deref().map(|p| format!("provider {p}")).unwrap_or_else(|| "no credential".into());
+        println!("  {:<20} -> {}  ({provider})", r.prefix, r.upstream);
+    }
+    if !config.providers.is_empty() {
+        println!("providers:");
+        for (name, p) in &config.providers {
+            let target = p.oauth().map(|c| c.token_url.to_string()).unwrap_or_default();
+            println!("  {name:<20} {} {target}", p.grant_kind().as_str());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(config: Config, path: PathBuf) -> ExitCode {
+    let app = match authgate::App::start(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    wait_for_signals(&app, &path).await;
+    tracing::info!("shutting down: draining in-flight requests");
+    app.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Returns on SIGTERM / Ctrl-C; reloads the config on SIGHUP.
+#[cfg(unix)]
+async fn wait_for_signals(app: &authgate::App, path: &std::path::Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        tracing::error!("cannot install signal handlers");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => { let _ = app.reload(path); }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_app: &authgate::App, _path: &std::path::Path) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
+    let Some(pcfg) = config.providers.get(&name).cloned() else {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        eprintln!("unknown provider {name:?} (known: {})", known.join(", "));
+        return ExitCode::from(2);
+    };
+    let metrics = authgate::metrics::Metrics::new();
+    let store = authgate::token::StoreHandle::new(
+        std::sync::Arc::new(authgate::store::memory::MemoryStore::new()),
+        metrics.clone(),
+    );
+    let deps = authgate::token::ProviderDeps {
+        store,
+        metrics: metrics.provider(&name),
+        audit: None,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let provider = match authgate::token::Provider::new(pcfg, deps) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}: providers.{name}: {e}", config.path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match provider.refresh_now(authgate::token::Trigger::Manual, Duration::from_secs(60)).await {
+        Ok(t) => {
+            let now = tokio::time::Instant::now();
+            println!("provider:   {name}");
+            println!("grant:      {}", provider.cfg.grant_kind().as_str());
+            println!("generation: {}", t.generation);
+            match t.expires_in(now) {
+                Some(d) => println!("expires_in: {}s", d.as_secs()),
+                None => println!("expires_in: unknown (used until a 401)"),
+            }
+            println!("scope:      {}", t.scope.as_deref().unwrap_or("-"));
+            if reveal {
+                println!("token:      {}", t.access_token.expose());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("provider {name}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

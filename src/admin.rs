@@ -1,0 +1,102 @@
+//! The admin listener (DESIGN.md, "Admin listener"): `/healthz`, `/readyz`,
+//! `/status`, `/metrics`. Never a secret in any answer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+
+use crate::forward::body::GatewayBody;
+use crate::gateway::Gateway;
+
+pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method_not_allowed"}));
+    }
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        "/readyz" => readyz(gw),
+        "/status" => status(gw),
+        "/metrics" => {
+            let mut resp = Response::new(GatewayBody::full(Bytes::from(gw.metrics.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            resp
+        }
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"})),
+    }
+}
+
+fn store_state(gw: &Gateway) -> &'static str {
+    if gw.store.is_failing() {
+        "failing"
+    } else {
+        "ok"
+    }
+}
+
+/// 200 when every provider holds a valid token. A failing store shows in the body
+/// but does not fail readiness: durability is degraded, serving is not.
+fn readyz(gw: &Gateway) -> Response<GatewayBody> {
+    let snap = gw.snapshot();
+    let not_ready: Vec<serde_json::Value> = snap
+        .providers
+        .values()
+        .filter_map(|p| p.not_ready_reason().map(|r| serde_json::json!({"provider": &*p.name, "reason": r})))
+        .collect();
+    let store = store_state(gw);
+    if not_ready.is_empty() {
+        json(StatusCode::OK, serde_json::json!({"status": "ready", "store": store}))
+    } else {
+        let first = not_ready.first().and_then(|v| v["provider"].as_str()).unwrap_or_default().to_owned();
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "not_ready",
+                "reason": format!("provider {first} has no valid token"),
+                "provider": first,
+                "providers": not_ready,
+                "store": store,
+            }),
+        )
+    }
+}
+
+fn status(gw: &Gateway) -> Response<GatewayBody> {
+    let snap = gw.snapshot();
+    let providers: serde_json::Map<String, serde_json::Value> = snap
+        .providers
+        .iter()
+        .map(|(name, p)| (name.clone(), serde_json::to_value(p.status()).unwrap_or_default()))
+        .collect();
+    let routes: Vec<serde_json::Value> = snap
+        .routes
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": &*r.name,
+                "prefix": r.cfg.prefix,
+                "upstream": r.cfg.upstream.to_string(),
+                "provider": r.cfg.provider,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "providers": providers,
+            "routes": routes,
+            "store": {"kind": gw.store.store.kind(), "state": store_state(gw)},
+        }),
+    )
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,150 @@
+//! A whole running gateway: store, audit writer, providers, the main and admin
+//! listeners, and the shutdown that drains them. `main.rs` and the tests both
+//! start gateways through `App::start`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::AuditSink;
+use crate::config::{Config, ConfigError, StoreKind};
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::server::{self, ServerOpts};
+use crate::store::{self, StoreError, TokenStore};
+use crate::token::StoreHandle;
+
+/// Why the gateway could not start. `Config` errors exit with 2 like `check`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("token store: {0}")]
+    Store(StoreError),
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
+}
+
+impl StartError {
+    /// Exit code: 2 for anything in the configuration (including its secrets), 1
+    /// for the environment (ports, disks).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) | StartError::Invalid(_) | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub gateway: Arc<Gateway>,
+    /// Where the main listener is bound (port 0 in the config picks a free one).
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    listeners: Vec<JoinHandle<()>>,
+    audit_task: Option<JoinHandle<()>>,
+}
+
+impl App {
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
+        let store = open_store(&config).await?;
+        let store = StoreHandle::new(store, metrics.clone());
+        let (audit, audit_task) = match &config.audit {
+            Some(a) => {
+                let (sink, task) = AuditSink::start(a, metrics.clone()).await.map_err(StartError::Audit)?;
+                (Some(sink), Some(task))
+            }
+            None => (None, None),
+        };
+        let main_listener = TcpListener::bind(config.listen.addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen.addr, source })?;
+        let admin_listener = match &config.admin {
+            Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| StartError::Bind { addr: a.addr, source })?),
+            None => None,
+        };
+        let opts = ServerOpts::from_listen(&config.listen);
+        let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone()).map_err(StartError::Invalid)?;
+
+        let addr = main_listener.local_addr().map_err(|source| StartError::Bind { addr: opts_addr(&gateway), source })?;
+        let mut listeners = Vec::new();
+        let gw = gateway.clone();
+        listeners.push(tokio::spawn(server::serve(main_listener, opts, shutdown.clone(), move |req, conn| {
+            let gw = gw.clone();
+            async move { crate::forward::serve(&gw, req, &conn).await }
+        })));
+        let mut admin_addr = None;
+        if let Some(l) = admin_listener {
+            admin_addr = l.local_addr().ok();
+            let gw = gateway.clone();
+            listeners.push(tokio::spawn(server::serve(l, ServerOpts::admin(), shutdown.clone(), move |req, _conn| {
+                let gw = gw.clone();
+                async move { crate::admin::serve(&gw, req).await }
+            })));
+        }
+        tracing::info!(%addr, admin = ?admin_addr, routes = gateway.snapshot().routes.len(), "authgate listening");
+        Ok(App { gateway, addr, admin_addr, shutdown, listeners, audit_task })
+    }
+
+    /// Re-reads the config file and swaps it in; the running config stays on error.
+    pub fn reload(&self, path: &Path) -> Result<(), String> {
+        let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| self.gateway.reload(c));
+        self.gateway.metrics.reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Err(e) => tracing::error!(error = %e, "configuration rejected; keeping the running one"),
+        }
+        result
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, drains in-flight requests, flushes the audit log.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for l in self.listeners {
+            let _ = l.await;
+        }
+        let App { gateway, audit_task, .. } = self;
+        drop(gateway);
+        if let Some(task) = audit_task {
+            // The writer ends once every sink clone is gone; providers' background
+            // tasks hold clones until they observe the cancellation.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+fn opts_addr(gw: &Gateway) -> SocketAddr {
+    gw.snapshot().config.listen.addr
+}
+
+/// Opens the configured store. A file store whose folder cannot be written does
+/// not stop the gateway (tokens still live in memory); it is reported loudly and
+/// shows as failing. Key and configuration problems do stop it.
+async fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
+    match store::open(&config.store).await {
+        Ok(s) => Ok(s),
+        Err(e @ StoreError::Io { .. }) if matches!(config.store.kind, StoreKind::File { .. }) => {
+            tracing::error!(error = %e, "token store unusable; tokens will be kept in memory only");
+            let mem = store::memory::MemoryStore::new();
+            mem.set_failing(true);
+            Ok(Arc::new(mem))
+        }
+        Err(e) => Err(StartError::Store(e)),
+    }
+}

@@ -1,0 +1,122 @@
+//! The one place where failures become the contract's responses (DESIGN.md,
+//! "Errors"): a status, a stable code, a message safe to show, and the request id.
+//! Internals (cause chains, addresses, secrets) go to the log, never to the caller.
+
+use std::error::Error as StdError;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::forward::body::GatewayBody;
+
+/// Why the gateway answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("caller is not identified")]
+    CallerUnknown,
+    #[error("caller {0:?} is not allowed here")]
+    CallerForbidden(String),
+    #[error("no route matches the path")]
+    NoRoute,
+    #[error("request headers not complete in time")]
+    RequestTimeout,
+    #[error("request body is larger than the limit")]
+    BodyTooLarge,
+    #[error("request headers are too large")]
+    HeadersTooLarge,
+    #[error("upstream unreachable")]
+    UpstreamUnreachable(#[source] Box<dyn StdError + Send + Sync>),
+    #[error("no valid token: {reason}")]
+    TokenUnavailable { reason: String, retry_after_secs: u64 },
+    #[error("upstream did not answer within the route timeout")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::CallerUnknown | ProxyError::CallerForbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The contract's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::CallerUnknown | ProxyError::CallerForbidden(_) => "caller_forbidden",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::RequestTimeout => "request_timeout",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::HeadersTooLarge => "headers_too_large",
+            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// What the caller is told: never a cause chain (it may name internal hosts).
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::UpstreamUnreachable(_) => "the upstream could not be reached".to_owned(),
+            ProxyError::TokenUnavailable { reason, .. } => format!("no valid token for the upstream: {reason}"),
+            other => other.to_string(),
+        }
+    }
+
+    /// The JSON response of the contract.
+    pub fn to_response(&self, request_id: &str, route: Option<&str>, provider: Option<&str>) -> Response<GatewayBody> {
+        let mut body = serde_json::json!({
+            "error": self.code(),
+            "message": self.public_message(),
+            "request_id": request_id,
+        });
+        if let Some(r) = route {
+            body["route"] = r.into();
+        }
+        if let Some(p) = provider {
+            body["provider"] = p.into();
+        }
+        let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::TokenUnavailable { retry_after_secs, .. } = self {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from((*retry_after_secs).max(1)));
+        }
+        resp
+    }
+}
+
+/// The whole cause chain on one line, for logs.
+pub fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+/// Whether `err` or anything in its cause chain is an `E`.
+pub fn find_in_chain<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}

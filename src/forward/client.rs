@@ -1,0 +1,45 @@
+//! The pooled outbound HTTP client: HTTP/1.1 and HTTP/2 (by ALPN) over rustls, one
+//! pool per distinct TLS setting, shared by every route that uses it.
+
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::tls::{client_config, TlsError};
+
+pub type Connector = HttpsConnector<HttpConnector>;
+pub type HttpClient<B> = Client<Connector, B>;
+
+/// Builds a client trusting the OS roots plus `ca`, presenting `client_cert` when set.
+pub fn build<B>(
+    ca: Option<&std::path::Path>,
+    client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    h2: bool,
+) -> Result<HttpClient<B>, TlsError>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = client_config(ca, client_cert, h2)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let connector = if h2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector))
+}

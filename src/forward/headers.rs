@@ -1,0 +1,114 @@
+//! Header hygiene between caller and upstream (RFC 9110 §7.6.1).
+
+use http::header::{self, HeaderMap, HeaderName};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_AUTHGATE_KEY: HeaderName = HeaderName::from_static("x-authgate-key");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop fields: the fixed list and every field named in `connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in `connection` are hop-by-hop too. Collecting them is the one
+    // allocation here, and only when a `connection` header carries names.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            // Never let `connection: x-request-id` strip our own correlation id.
+            if name != X_REQUEST_ID {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Caller-side fields that never travel upstream: its own credentials, and
+/// `x-forwarded-*`/`forwarded` (third parties learn nothing of our network).
+pub fn strip_caller_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(&X_AUTHGATE_KEY);
+    headers.remove(header::FORWARDED);
+    headers.remove(header::HOST);
+    let forwarded: Vec<HeaderName> =
+        headers.keys().filter(|k| k.as_str().starts_with("x-forwarded-")).cloned().collect();
+    for k in forwarded {
+        headers.remove(k);
+    }
+}
+
+/// A caller-supplied request id is kept when it is short and printable; anything
+/// else is replaced (it ends up in logs and audit lines).
+pub fn acceptable_request_id(v: &http::HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+pub fn new_request_id() -> http::HeaderValue {
+    let id = format!("{:032x}", rand::random::<u128>());
+    http::HeaderValue::from_str(&id).unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_fields() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop, X-Request-Id".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert("x-request-id", "abc".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-request-id", "accept"]);
+    }
+
+    #[test]
+    fn removes_caller_credentials_and_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer caller".parse().unwrap());
+        h.insert("x-authgate-key", "k".parse().unwrap());
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.insert("x-forwarded-proto", "http".parse().unwrap());
+        h.insert("forwarded", "for=10.0.0.1".parse().unwrap());
+        h.insert("host", "gateway".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_caller_credentials(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(acceptable_request_id(&"abc-123".parse().unwrap()));
+        assert!(!acceptable_request_id(&"has space".parse().unwrap()));
+        assert!(!acceptable_request_id(&"x".repeat(200).parse().unwrap()));
+        assert_eq!(new_request_id().len(), 32);
+    }
+}

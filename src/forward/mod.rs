@@ -1,0 +1,400 @@
+//! The request path, in phases: check the request, identify the caller, pick the
+//! route, take the credential from the provider's cell, edit the request, send it,
+//! on a refresh-worthy 401 replay once, edit the response, record.
+//! No lock, no store access, no log line per successful request.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST, WWW_AUTHENTICATE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::audit::RequestRecord;
+use crate::caller::{allowed, Identity};
+use crate::error::{find_in_chain, ProxyError};
+use crate::gateway::{Gateway, Route, Snapshot};
+use crate::metrics::ReplayOutcome;
+use crate::token::Credential;
+
+pub mod body;
+mod broker;
+pub mod client;
+pub mod headers;
+
+use body::{BodyTooLarge, GatewayBody, UpstreamBody};
+use headers::{strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID};
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Names from a verified caller certificate (DNS SANs and CN).
+    pub cert_names: Arc<[String]>,
+}
+
+/// Facts gathered along the way, for metrics and the audit line.
+#[derive(Debug, Default)]
+struct Outcome {
+    route: Option<usize>,
+    caller: Option<Arc<str>>,
+    generation: Option<u64>,
+    upstream_status: Option<u16>,
+    replayed: bool,
+}
+
+/// Serves one caller request. Never fails: errors become the contract's responses.
+pub async fn serve(gw: &Arc<Gateway>, req: Request<Incoming>, conn: &ConnInfo) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let snap = gw.snapshot();
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) if headers::acceptable_request_id(v) => v.clone(),
+        _ => headers::new_request_id(),
+    };
+    // Only what the audit line needs, and only when there is an audit log.
+    let audit_info = gw.audit.as_ref().map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+
+    let mut out = Outcome::default();
+    let result = proxy(gw, &snap, req, conn, &request_id, &mut out).await;
+    let (mut resp, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => {
+            let route = out.route.map(|i| &snap.routes[i]);
+            log_error(&e, route, &request_id);
+            let resp = e.to_response(
+                request_id.to_str().unwrap_or_default(),
+                route.map(|r| &*r.name),
+                route.and_then(|r| r.cfg.provider.as_deref()),
+            );
+            (resp, Some(e.code()))
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    let route = out.route.map(|i| &snap.routes[i]);
+    route.map_or(&snap.unrouted.clone(), |r| &r.metrics).observe(status, elapsed);
+    if let (Some(audit), Some((method, path))) = (&gw.audit, audit_info) {
+        audit.request(RequestRecord {
+            ts: SystemTime::now(),
+            request_id: request_id.to_str().unwrap_or_default().to_owned(),
+            caller: out.caller.map(|c| c.to_string()),
+            client_addr: conn.remote.to_string(),
+            route: route.map(|r| r.name.clone()),
+            provider: route.and_then(|r| r.provider.as_ref().map(|p| p.name.clone())),
+            method,
+            path,
+            status,
+            upstream_status: out.upstream_status,
+            duration_ms: elapsed.as_millis() as u64,
+            token_generation: out.generation,
+            replayed: out.replayed,
+            error,
+        });
+    }
+    resp
+}
+
+/// Errors are logged once, at a level matching whose fault they are.
+fn log_error(e: &ProxyError, route: Option<&Route>, request_id: &HeaderValue) {
+    let route = route.map_or("", |r| &r.name);
+    let id = request_id.to_str().unwrap_or_default();
+    match e {
+        ProxyError::UpstreamUnreachable(cause) => {
+            tracing::warn!(route, request_id = id, error = %crate::error::chain(cause.as_ref()), "upstream unreachable")
+        }
+        ProxyError::UpstreamTimeout | ProxyError::TokenUnavailable { .. } => {
+            tracing::warn!(route, request_id = id, error = %e, "request failed")
+        }
+        _ => tracing::debug!(route, request_id = id, error = %e, "request refused"),
+    }
+}
+
+async fn proxy(
+    gw: &Arc<Gateway>,
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &HeaderValue,
+    out: &mut Outcome,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    // 1. The request itself: never an open proxy, never a path that climbs out.
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported: authgate is not an open proxy"));
+    }
+    if req.version() != Version::HTTP_2 && req.uri().authority().is_some() && !is_self(req.uri(), conn) {
+        return Err(ProxyError::BadRequest("absolute-form request to another host: authgate is not an open proxy"));
+    }
+    let path = req.uri().path();
+    if !crate::route::path_is_safe(path) {
+        return Err(ProxyError::BadRequest("path has dot segments or encoded separators"));
+    }
+
+    // 2. Who is calling.
+    let who = snap.callers.identify(conn.remote.ip(), req.headers().get(&X_AUTHGATE_KEY), &conn.cert_names);
+    out.caller = who.name().map(Arc::from);
+
+    if path.starts_with("/.authgate/") {
+        return broker::serve(gw, snap, &req, &who, conn, request_id);
+    }
+
+    // 3. Which route.
+    let (idx, rest) = snap.table.find(path).ok_or(ProxyError::NoRoute)?;
+    out.route = Some(idx);
+    let route = &snap.routes[idx];
+    if who == Identity::Unknown {
+        return Err(ProxyError::CallerUnknown);
+    }
+    if !allowed(&who, route.allow.as_deref()) {
+        return Err(ProxyError::CallerForbidden(who.name().unwrap_or("anonymous").to_owned()));
+    }
+    let listen = &snap.config.listen;
+    if let (Some(max), Some(len)) = (listen.max_body, content_length(req.headers())) {
+        if len > max {
+            return Err(ProxyError::BodyTooLarge);
+        }
+    }
+    let deadline = Instant::now() + route.cfg.timeout;
+
+    // 4. The credential: from the cell, or wait for the first fetch (bounded).
+    let credential = match &route.provider {
+        Some(p) => Some(p.credential(route.cfg.timeout).await.map_err(|u| ProxyError::TokenUnavailable {
+            reason: u.reason,
+            retry_after_secs: u.retry_after.as_secs(),
+        })?),
+        None => None,
+    };
+
+    // 5. The upstream request.
+    let uri = upstream_uri(route, rest, req.uri().query())?;
+    let (mut parts, incoming) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_caller_credentials(&mut parts.headers);
+    parts.headers.insert(HOST, route.host_header.clone());
+    parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let (Some(p), Some(c)) = (&route.provider, &credential) {
+        parts.headers.insert(p.cfg.header.clone(), c.header_value.clone());
+        out.generation = Some(c.generation);
+    }
+    let replay_possible = route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
+    let body = read_body(incoming, &parts.headers, listen.max_replay_body, listen.max_body, replay_possible).await?;
+    // A copy for the replay, only when one could happen.
+    let kept = match (&body, replay_possible) {
+        (UpstreamBody::Buffered { data }, true) => Some((parts.headers.clone(), data.clone().unwrap_or_default())),
+        _ => None,
+    };
+    let method = parts.method.clone();
+    let first = build_request(method.clone(), uri.clone(), parts.headers, body);
+    let resp = send(route, first, deadline).await?;
+
+    // 6. A 401 that a new token may fix.
+    let resp = match (&route.provider, &credential) {
+        (Some(provider), Some(sent)) if resp.status() == StatusCode::UNAUTHORIZED && refresh_worthy(resp.headers()) => {
+            match kept {
+                Some((headers, data)) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match provider.after_unauthorized(sent.generation, remaining).await {
+                        Some(fresh) => {
+                            // Let the 401's connection go back to the pool.
+                            drop(resp);
+                            out.replayed = true;
+                            out.generation = Some(fresh.generation);
+                            let replay = with_credential(method, uri, headers, &provider.cfg.header, &fresh, data);
+                            let resp = send(route, replay, deadline).await?;
+                            route.metrics.replay(if resp.status() == StatusCode::UNAUTHORIZED {
+                                ReplayOutcome::Unauthorized
+                            } else {
+                                ReplayOutcome::Ok
+                            });
+                            resp
+                        }
+                        None => {
+                            route.metrics.replay(ReplayOutcome::Skipped);
+                            resp
+                        }
+                    }
+                }
+                None => {
+                    // Not replayable (body streamed, or replay = false): the 401
+                    // goes back, but the refresh still happens for what follows.
+                    route.metrics.replay(ReplayOutcome::Skipped);
+                    let provider = provider.clone();
+                    let generation = sent.generation;
+                    let wait = route.cfg.timeout;
+                    tokio::spawn(async move { provider.after_unauthorized(generation, wait).await });
+                    resp
+                }
+            }
+        }
+        _ => resp,
+    };
+
+    // 7. The response, streamed back.
+    out.upstream_status = Some(resp.status().as_u16());
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, GatewayBody::upstream(incoming)))
+}
+
+/// An absolute-form request naming the gateway's own address is allowed (some
+/// clients always send absolute-form); any other host is an open-proxy attempt.
+fn is_self(uri: &Uri, conn: &ConnInfo) -> bool {
+    let Some(auth) = uri.authority() else { return true };
+    let port = auth.port_u16().unwrap_or(80);
+    if port != conn.local.port() {
+        return false;
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == conn.local.ip())
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut path = String::with_capacity(route.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    crate::route::join_path(&mut path, &route.base_path, rest, query);
+    let pq = PathAndQuery::from_maybe_shared(Bytes::from(path)).map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    Uri::builder()
+        .scheme(route.scheme.clone())
+        .authority(route.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("invalid path"))
+}
+
+/// Keeps the body whole when a replay may need it and it fits `max_replay`;
+/// otherwise streams it (a prefix already read, then the rest).
+async fn read_body(
+    mut incoming: Incoming,
+    headers: &HeaderMap,
+    max_replay: u64,
+    max_body: Option<u64>,
+    replay_possible: bool,
+) -> Result<UpstreamBody, ProxyError> {
+    if incoming.is_end_stream() {
+        return Ok(UpstreamBody::buffered(Bytes::new()));
+    }
+    let declared = content_length(headers);
+    if !replay_possible || declared.is_some_and(|n| n > max_replay) {
+        return Ok(UpstreamBody::streaming(VecDeque::new(), incoming, 0, max_body));
+    }
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut seen = 0u64;
+    loop {
+        match incoming.frame().await {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    seen += data.len() as u64;
+                    if max_body.is_some_and(|m| seen > m) {
+                        return Err(ProxyError::BodyTooLarge);
+                    }
+                    chunks.push_back(data);
+                    if seen > max_replay {
+                        // Outgrew the replay buffer midway: send what we have, then the rest.
+                        return Ok(UpstreamBody::streaming(chunks, incoming, seen, max_body));
+                    }
+                }
+            }
+            Some(Err(_)) => return Err(ProxyError::BadRequest("request body could not be read")),
+        }
+    }
+    let data = if chunks.len() == 1 {
+        chunks.pop_front().unwrap_or_default()
+    } else {
+        let mut buf = bytes::BytesMut::with_capacity(seen as usize);
+        for c in chunks {
+            buf.extend_from_slice(&c);
+        }
+        buf.freeze()
+    };
+    Ok(UpstreamBody::buffered(data))
+}
+
+fn build_request(method: Method, uri: Uri, headers: HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+fn with_credential(
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    header: &http::HeaderName,
+    cred: &Credential,
+    data: Bytes,
+) -> Request<UpstreamBody> {
+    headers.insert(header.clone(), cred.header_value.clone());
+    build_request(method, uri, headers, UpstreamBody::buffered(data))
+}
+
+async fn send(route: &Route, req: Request<UpstreamBody>, deadline: Instant) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout_at(deadline, route.client.request(req)).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            if find_in_chain::<BodyTooLarge>(&e).is_some() {
+                Err(ProxyError::BodyTooLarge)
+            } else {
+                Err(ProxyError::UpstreamUnreachable(Box::new(e)))
+            }
+        }
+    }
+}
+
+/// RFC 6750 §3.1: refresh on `invalid_token`, or when the 401 names no error at
+/// all; other errors (`invalid_request`, `insufficient_scope`) are not about the
+/// token's freshness.
+fn refresh_worthy(h: &HeaderMap) -> bool {
+    let mut saw_error = false;
+    for v in h.get_all(WWW_AUTHENTICATE) {
+        let Ok(s) = v.to_str() else { continue };
+        let lower = s.to_ascii_lowercase();
+        if let Some(pos) = lower.find("error=") {
+            saw_error = true;
+            let rest = lower[pos + 6..].trim_start_matches('"');
+            if rest.starts_with("invalid_token") {
+                return true;
+            }
+        }
+    }
+    !saw_error
+}
+
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(WWW_AUTHENTICATE, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn which_401s_are_worth_a_refresh() {
+        assert!(refresh_worthy(&HeaderMap::new()));
+        assert!(refresh_worthy(&h(r#"Bearer realm="x", error="invalid_token", error_description="expired""#)));
+        assert!(refresh_worthy(&h(r#"Bearer error=invalid_token"#)));
+        assert!(refresh_worthy(&h(r#"Bearer realm="api""#)));
+        assert!(!refresh_worthy(&h(r#"Bearer error="invalid_request""#)));
+        assert!(!refresh_worthy(&h(r#"Bearer error="insufficient_scope""#)));
+    }
+}

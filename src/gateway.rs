@@ -1,0 +1,202 @@
+//! The running gateway: one `ArcSwap<Snapshot>` holding everything that changes
+//! together on reload (config, routes, clients, callers, providers), plus what
+//! lives across reloads (metrics, audit, store).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use indexmap::IndexMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::AuditSink;
+use crate::caller::Callers;
+use crate::config::{Config, RouteConfig, UpstreamTls};
+use crate::forward::body::UpstreamBody;
+use crate::forward::client::{self, HttpClient};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::route::RouteTable;
+use crate::token::{Provider, ProviderDeps, StoreHandle};
+
+/// A route ready for the request path: everything precomputed.
+#[derive(Debug)]
+pub struct Route {
+    pub cfg: RouteConfig,
+    pub name: Arc<str>,
+    pub provider: Option<Arc<Provider>>,
+    pub allow: Option<Vec<Arc<str>>>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The upstream's base path without trailing '/'.
+    pub base_path: String,
+    pub host_header: HeaderValue,
+    pub client: HttpClient<UpstreamBody>,
+    pub metrics: RouteMetrics,
+}
+
+/// Everything one config version needs. Swapped whole on reload; requests in
+/// flight keep the snapshot they started with.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub table: RouteTable,
+    pub routes: Vec<Route>,
+    pub providers: IndexMap<String, Arc<Provider>>,
+    pub callers: Callers,
+    /// Metrics of requests that matched no route (label `route=""`).
+    pub unrouted: RouteMetrics,
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub audit: Option<AuditSink>,
+    pub store: Arc<StoreHandle>,
+    pub shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Builds the first snapshot and starts the providers' refreshers. The store
+    /// and audit sink are opened by the caller (they outlive reloads).
+    pub fn new(
+        config: Config,
+        store: Arc<StoreHandle>,
+        audit: Option<AuditSink>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
+        let snapshot = build_snapshot(Arc::new(config), None, &store, audit.as_ref(), &metrics, &shutdown)?;
+        for p in snapshot.providers.values() {
+            p.start();
+        }
+        let gw = Arc::new(Gateway { snapshot: ArcSwap::from_pointee(snapshot), metrics, audit, store, shutdown });
+        gw.watch_store();
+        Ok(gw)
+    }
+
+    /// The current snapshot; a request holds it until it finishes.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new config. Providers whose settings did not change are kept
+    /// (with their tokens and generations); new or changed ones start fresh.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let old = self.snapshot();
+        let new = build_snapshot(Arc::new(config), Some(&old), &self.store, self.audit.as_ref(), &self.metrics, &self.shutdown)?;
+        for (name, p) in &new.providers {
+            let kept = old.providers.get(name).is_some_and(|o| Arc::ptr_eq(o, p));
+            if !kept {
+                p.start();
+            }
+        }
+        self.snapshot.store(Arc::new(new));
+        Ok(())
+    }
+
+    /// Fleet mode: adopt tokens other replicas stored.
+    fn watch_store(self: &Arc<Self>) {
+        let Some(mut rx) = self.store.store.subscribe() else { return };
+        let gw = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let name = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                let Some(gw) = gw.upgrade() else { return };
+                match name {
+                    Ok(name) => {
+                        if let Some(p) = gw.snapshot().providers.get(&name) {
+                            p.on_store_change().await;
+                        }
+                    }
+                    // Missed notifications: re-check every provider.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for p in gw.snapshot().providers.values() {
+                            p.on_store_change().await;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+}
+
+fn build_snapshot(
+    config: Arc<Config>,
+    old: Option<&Snapshot>,
+    store: &Arc<StoreHandle>,
+    audit: Option<&AuditSink>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Snapshot, String> {
+    let file = config.path.display().to_string();
+    let mut providers = IndexMap::new();
+    for (name, pcfg) in &config.providers {
+        let reused = old
+            .and_then(|o| o.providers.get(name))
+            .filter(|p| p.cfg == *pcfg)
+            .cloned();
+        let provider = match reused {
+            Some(p) => p,
+            None => Provider::new(
+                pcfg.clone(),
+                ProviderDeps {
+                    store: store.clone(),
+                    metrics: metrics.provider(name),
+                    audit: audit.cloned(),
+                    shutdown: shutdown.child_token(),
+                },
+            )
+            .map_err(|e| format!("{file}: providers.{name}: {e}"))?,
+        };
+        providers.insert(name.clone(), provider);
+    }
+
+    let mut clients: HashMap<(UpstreamTls, bool), HttpClient<UpstreamBody>> = HashMap::new();
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for (i, rc) in config.routes.iter().enumerate() {
+        let https = rc.upstream.scheme() == Some(&Scheme::HTTPS);
+        let key = (rc.tls.clone(), https);
+        let client = match clients.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let cert = match (&rc.tls.client_cert, &rc.tls.client_key) {
+                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                    _ => None,
+                };
+                let c = client::build(rc.tls.ca.as_deref(), cert, https).map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
+                clients.insert(key, c.clone());
+                c
+            }
+        };
+        let authority = rc
+            .upstream
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{file}: routes[{i}].upstream: no host"))?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| format!("{file}: routes[{i}].upstream: bad host"))?;
+        routes.push(Route {
+            name: Arc::from(rc.name.as_str()),
+            provider: rc.provider.as_ref().and_then(|p| providers.get(p).cloned()),
+            allow: rc.allow.as_ref().map(|a| a.iter().map(|s| Arc::from(s.as_str())).collect()),
+            scheme: rc.upstream.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            base_path: rc.upstream.path().trim_end_matches('/').to_owned(),
+            authority,
+            host_header,
+            client,
+            metrics: metrics.route(&rc.name),
+            cfg: rc.clone(),
+        });
+    }
+    let table = RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str()));
+    let callers = Callers::new(config.callers.as_deref()).map_err(|e| format!("{file}: {e}"))?;
+    Ok(Snapshot { unrouted: metrics.route(""), config, table, routes, providers, callers })
+}

@@ -1,0 +1,318 @@
+//! Prometheus metrics (DESIGN.md, "Admin listener"). Everything the request path
+//! touches is a pre-resolved handle over atomics: label lookups (which take the
+//! family's lock) happen when a route or provider is built, or once per new status
+//! code, never per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabel {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refresh {
+    provider: String,
+    trigger: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Replay {
+    route: String,
+    outcome: String,
+}
+
+/// Upper bounds (seconds) of the request-duration buckets: 1 ms to 30 s.
+const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A histogram over atomics (prometheus-client's own takes a mutex per observation).
+#[derive(Clone, Debug, Default)]
+pub struct AtomicHistogram(Arc<HistInner>);
+
+#[derive(Debug, Default)]
+struct HistInner {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds, so it fits an integer atomic.
+    sum_micros: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        self.0.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (i, upper) in BUCKETS.iter().enumerate() {
+            cumulative += self.0.buckets[i].load(Ordering::Relaxed);
+            buckets.push((*upper, cumulative));
+        }
+        let count = self.0.count.load(Ordering::Relaxed);
+        buckets.push((f64::INFINITY, count));
+        let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct NewHistogram;
+
+impl MetricConstructor<AtomicHistogram> for NewHistogram {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::default()
+    }
+}
+
+/// The gateway's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    durations: Family<RouteLabel, AtomicHistogram, NewHistogram>,
+    refreshes: Family<Refresh, Counter>,
+    waiters: Family<ProviderLabel, Counter>,
+    replays: Family<Replay, Counter>,
+    expiry: Family<ProviderLabel, Gauge<f64, AtomicU64>>,
+    store_errors: Counter,
+    audit_dropped: Counter,
+    reloads: Family<Replay, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RouteStatus, Counter>::default();
+        let durations = Family::new_with_constructor(NewHistogram);
+        let refreshes = Family::<Refresh, Counter>::default();
+        let waiters = Family::<ProviderLabel, Counter>::default();
+        let replays = Family::<Replay, Counter>::default();
+        let expiry = Family::<ProviderLabel, Gauge<f64, AtomicU64>>::default();
+        let store_errors = Counter::default();
+        let audit_dropped = Counter::default();
+        let reloads = Family::<Replay, Counter>::default();
+        // Names without the `_total` suffix: the encoder appends it to counters.
+        registry.register("authgate_requests", "Requests answered, by route and status", requests.clone());
+        registry.register(
+            "authgate_request_duration_seconds",
+            "Time to the response head, by route",
+            durations.clone(),
+        );
+        registry.register(
+            "authgate_token_refreshes",
+            "Token requests to the IdP, by provider, trigger and outcome",
+            refreshes.clone(),
+        );
+        registry.register(
+            "authgate_refresh_waiters",
+            "Requests that waited on a refresh already in flight",
+            waiters.clone(),
+        );
+        registry.register("authgate_replays", "Requests replayed after a 401, by outcome", replays.clone());
+        registry.register(
+            "authgate_token_expiry_seconds",
+            "Seconds until the current token expires (-1: no expiry known)",
+            expiry.clone(),
+        );
+        registry.register("authgate_store_errors", "Failed store reads and writes", store_errors.clone());
+        registry.register("authgate_audit_dropped", "Audit lines lost because the writer fell behind", audit_dropped.clone());
+        registry.register("authgate_config_reloads", "Config reloads, by outcome", reloads.clone());
+        Arc::new(Self {
+            registry,
+            requests,
+            durations,
+            refreshes,
+            waiters,
+            replays,
+            expiry,
+            store_errors,
+            audit_dropped,
+            reloads,
+        })
+    }
+
+    /// Handles for one route; the series exist (at 0) from now on.
+    pub fn route(self: &Arc<Self>, name: &str) -> RouteMetrics {
+        let duration = self.durations.get_or_create_owned(&RouteLabel { route: name.to_owned() });
+        let replay = |outcome: &str| {
+            self.replays.get_or_create_owned(&Replay { route: name.to_owned(), outcome: outcome.to_owned() })
+        };
+        RouteMetrics(Arc::new(RouteInner {
+            name: name.to_owned(),
+            metrics: self.clone(),
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+            duration,
+            replay_ok: replay("ok"),
+            replay_unauthorized: replay("unauthorized"),
+            replay_skipped: replay("skipped"),
+        }))
+    }
+
+    /// Handles for one provider; the series exist (at 0) from now on.
+    pub fn provider(self: &Arc<Self>, name: &str) -> ProviderMetrics {
+        for trigger in ["startup", "expiry", "unauthorized", "manual"] {
+            for outcome in ["ok", "error"] {
+                self.refreshes.get_or_create_owned(&Refresh {
+                    provider: name.to_owned(),
+                    trigger: trigger.to_owned(),
+                    outcome: outcome.to_owned(),
+                });
+            }
+        }
+        let label = ProviderLabel { provider: name.to_owned() };
+        ProviderMetrics {
+            name: name.to_owned(),
+            metrics: self.clone(),
+            waiters: self.waiters.get_or_create_owned(&label),
+            expiry: self.expiry.get_or_create_owned(&label),
+        }
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    pub fn audit_dropped(&self, n: u64) {
+        self.audit_dropped.inc_by(n);
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&Replay { route: String::new(), outcome: outcome.to_owned() }).inc();
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Per-route handles, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics(Arc<RouteInner>);
+
+#[derive(Debug)]
+struct RouteInner {
+    name: String,
+    metrics: Arc<Metrics>,
+    /// Status 100..=599, each resolved once.
+    by_status: [OnceLock<Counter>; 500],
+    duration: AtomicHistogram,
+    replay_ok: Counter,
+    replay_unauthorized: Counter,
+    replay_skipped: Counter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// Replayed and the upstream accepted the new token.
+    Ok,
+    /// Replayed and got 401 again.
+    Unauthorized,
+    /// A 401 that could not be replayed (body too large, replay = false, no new token).
+    Skipped,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: u16, elapsed: Duration) {
+        let inner = &self.0;
+        let idx = usize::from(status.clamp(100, 599) - 100);
+        inner.by_status[idx]
+            .get_or_init(|| {
+                inner.metrics.requests.get_or_create_owned(&RouteStatus {
+                    route: inner.name.clone(),
+                    status: status.to_string(),
+                })
+            })
+            .inc();
+        inner.duration.observe(elapsed);
+    }
+
+    pub fn replay(&self, outcome: ReplayOutcome) {
+        match outcome {
+            ReplayOutcome::Ok => self.0.replay_ok.inc(),
+            ReplayOutcome::Unauthorized => self.0.replay_unauthorized.inc(),
+            ReplayOutcome::Skipped => self.0.replay_skipped.inc(),
+        };
+    }
+}
+
+/// Per-provider handles.
+#[derive(Clone, Debug)]
+pub struct ProviderMetrics {
+    name: String,
+    metrics: Arc<Metrics>,
+    waiters: Counter,
+    expiry: Gauge<f64, AtomicU64>,
+}
+
+impl ProviderMetrics {
+    pub fn refresh(&self, trigger: &str, outcome: &str) {
+        self.metrics
+            .refreshes
+            .get_or_create(&Refresh {
+                provider: self.name.clone(),
+                trigger: trigger.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn waiter(&self) {
+        self.waiters.inc();
+    }
+
+    pub fn set_expiry(&self, secs: Option<f64>) {
+        self.expiry.set(secs.unwrap_or(-1.0));
+    }
+
+    pub fn store_error(&self) {
+        self.metrics.store_error();
+    }
+}

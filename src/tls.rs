@@ -1,0 +1,78 @@
+//! TLS configuration for outbound connections (upstreams, token endpoints) and the
+//! caller-facing listener. One rustls crypto provider (ring) everywhere.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {reason}")]
+    Read { what: &'static str, path: String, reason: String },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The OS trust store, loaded once per process (it can take tens of milliseconds).
+fn native_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let res = rustls_native_certs::load_native_certs();
+        for e in &res.errors {
+            tracing::warn!(error = %e, "some OS trust roots could not be loaded");
+        }
+        res.certs
+    })
+}
+
+pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_err = |reason: String| TlsError::Read { what, path: path.display().to_string(), reason };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| read_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read_err("no PEM certificate found".into()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        what: "private key",
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// A client config trusting the OS roots plus `extra_ca`, presenting `client` (cert,
+/// key) when set, offering h2 and http/1.1 by ALPN when `h2` is true.
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+    h2: bool,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots().iter().cloned());
+    if let Some(ca) = extra_ca {
+        for cert in load_certs(ca, "CA certificate")? {
+            roots.add(cert)?;
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = if h2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    Ok(cfg)
+}
