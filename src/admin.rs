@@ -12,7 +12,10 @@ use crate::gateway::Gateway;
 
 pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method_not_allowed"}));
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method_not_allowed"}),
+        );
     }
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
@@ -22,11 +25,16 @@ pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBod
             let mut resp = Response::new(GatewayBody::full(Bytes::from(gw.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             resp
         }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found"}),
+        ),
     }
 }
 
@@ -45,13 +53,23 @@ fn readyz(gw: &Gateway) -> Response<GatewayBody> {
     let not_ready: Vec<serde_json::Value> = snap
         .providers
         .values()
-        .filter_map(|p| p.not_ready_reason().map(|r| serde_json::json!({"provider": &*p.name, "reason": r})))
+        .filter_map(|p| {
+            p.not_ready_reason()
+                .map(|r| serde_json::json!({"provider": &*p.name, "reason": r}))
+        })
         .collect();
     let store = store_state(gw);
     if not_ready.is_empty() {
-        json(StatusCode::OK, serde_json::json!({"status": "ready", "store": store}))
+        json(
+            StatusCode::OK,
+            serde_json::json!({"status": "ready", "store": store}),
+        )
     } else {
-        let first = not_ready.first().and_then(|v| v["provider"].as_str()).unwrap_or_default().to_owned();
+        let first = not_ready
+            .first()
+            .and_then(|v| v["provider"].as_str())
+            .unwrap_or_default()
+            .to_owned();
         json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({
@@ -70,7 +88,12 @@ fn status(gw: &Gateway) -> Response<GatewayBody> {
     let providers: serde_json::Map<String, serde_json::Value> = snap
         .providers
         .iter()
-        .map(|(name, p)| (name.clone(), serde_json::to_value(p.status()).unwrap_or_default()))
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                serde_json::to_value(p.status()).unwrap_or_default(),
+            )
+        })
         .collect();
     let routes: Vec<serde_json::Value> = snap
         .routes
@@ -97,6 +120,7 @@ fn status(gw: &Gateway) -> Response<GatewayBody> {
 fn json(status: StatusCode, body: serde_json::Value) -> Response<GatewayBody> {
     let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }

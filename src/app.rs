@@ -26,7 +26,10 @@ pub enum StartError {
     #[error("{0}")]
     Invalid(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("token store: {0}")]
     Store(StoreError),
     #[error("audit log: {0}")]
@@ -38,7 +41,9 @@ impl StartError {
     /// for the environment (ports, disks).
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::Invalid(_) | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_)) => 2,
+            StartError::Config(_)
+            | StartError::Invalid(_)
+            | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_)) => 2,
             _ => 1,
         }
     }
@@ -63,48 +68,89 @@ impl App {
         let store = StoreHandle::new(store, metrics.clone());
         let (audit, audit_task) = match &config.audit {
             Some(a) => {
-                let (sink, task) = AuditSink::start(a, metrics.clone()).await.map_err(StartError::Audit)?;
+                let (sink, task) = AuditSink::start(a, metrics.clone())
+                    .await
+                    .map_err(StartError::Audit)?;
                 (Some(sink), Some(task))
             }
             None => (None, None),
         };
         let main_listener = TcpListener::bind(config.listen.addr)
             .await
-            .map_err(|source| StartError::Bind { addr: config.listen.addr, source })?;
+            .map_err(|source| StartError::Bind {
+                addr: config.listen.addr,
+                source,
+            })?;
         let admin_listener = match &config.admin {
-            Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| StartError::Bind { addr: a.addr, source })?),
+            Some(a) => {
+                Some(
+                    TcpListener::bind(a.addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: a.addr,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let opts = ServerOpts::from_listen(&config.listen);
-        let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone()).map_err(StartError::Invalid)?;
+        let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())
+            .map_err(StartError::Invalid)?;
 
-        let addr = main_listener.local_addr().map_err(|source| StartError::Bind { addr: opts_addr(&gateway), source })?;
+        let addr = main_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: opts_addr(&gateway),
+                source,
+            })?;
         let mut listeners = Vec::new();
         let gw = gateway.clone();
-        listeners.push(tokio::spawn(server::serve(main_listener, opts, shutdown.clone(), move |req, conn| {
-            let gw = gw.clone();
-            async move { crate::forward::serve(&gw, req, &conn).await }
-        })));
+        listeners.push(tokio::spawn(server::serve(
+            main_listener,
+            opts,
+            shutdown.clone(),
+            move |req, conn| {
+                let gw = gw.clone();
+                async move { crate::forward::serve(&gw, req, &conn).await }
+            },
+        )));
         let mut admin_addr = None;
         if let Some(l) = admin_listener {
             admin_addr = l.local_addr().ok();
             let gw = gateway.clone();
-            listeners.push(tokio::spawn(server::serve(l, ServerOpts::admin(), shutdown.clone(), move |req, _conn| {
-                let gw = gw.clone();
-                async move { crate::admin::serve(&gw, req).await }
-            })));
+            listeners.push(tokio::spawn(server::serve(
+                l,
+                ServerOpts::admin(),
+                shutdown.clone(),
+                move |req, _conn| {
+                    let gw = gw.clone();
+                    async move { crate::admin::serve(&gw, req).await }
+                },
+            )));
         }
         tracing::info!(%addr, admin = ?admin_addr, routes = gateway.snapshot().routes.len(), "authgate listening");
-        Ok(App { gateway, addr, admin_addr, shutdown, listeners, audit_task })
+        Ok(App {
+            gateway,
+            addr,
+            admin_addr,
+            shutdown,
+            listeners,
+            audit_task,
+        })
     }
 
     /// Re-reads the config file and swaps it in; the running config stays on error.
     pub fn reload(&self, path: &Path) -> Result<(), String> {
-        let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| self.gateway.reload(c));
+        let result = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.gateway.reload(c));
         self.gateway.metrics.reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!(error = %e, "configuration rejected; keeping the running one"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration rejected; keeping the running one")
+            }
         }
         result
     }
@@ -119,7 +165,11 @@ impl App {
         for l in self.listeners {
             let _ = l.await;
         }
-        let App { gateway, audit_task, .. } = self;
+        let App {
+            gateway,
+            audit_task,
+            ..
+        } = self;
         drop(gateway);
         if let Some(task) = audit_task {
             // The writer ends once every sink clone is gone; providers' background

@@ -109,7 +109,14 @@ impl AuditSink {
         let (tx, rx) = mpsc::channel(cfg.buffer);
         let dropped = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(write_lines(rx, out, dropped.clone()));
-        Ok((AuditSink { tx, dropped, metrics }, task))
+        Ok((
+            AuditSink {
+                tx,
+                dropped,
+                metrics,
+            },
+            task,
+        ))
     }
 
     pub fn request(&self, rec: RequestRecord) {
@@ -153,7 +160,11 @@ async fn write_lines(
             if res.is_ok() {
                 buf.push(b'\n');
             }
-            next = if buf.len() < 256 * 1024 { rx.try_recv().ok() } else { None };
+            next = if buf.len() < 256 * 1024 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if let Err(e) = out.write_all(&buf).await {
             tracing::error!(error = %e, "audit log write failed; lines lost");
@@ -162,7 +173,11 @@ async fn write_lines(
         buf.clear();
         let now = dropped.load(Ordering::Relaxed);
         if now != reported {
-            tracing::warn!(dropped = now - reported, total = now, "audit writer fell behind; lines were dropped");
+            tracing::warn!(
+                dropped = now - reported,
+                total = now,
+                "audit writer fell behind; lines were dropped"
+            );
             reported = now;
         }
     }

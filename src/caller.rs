@@ -49,7 +49,9 @@ impl Callers {
     /// Loads the callers' keys. A missing key source is an error for the whole
     /// config (a caller that can never match is a mistake worth stopping for).
     pub fn new(cfg: Option<&[CallerConfig]>) -> Result<Self, String> {
-        let Some(cfg) = cfg else { return Ok(Self { list: None }) };
+        let Some(cfg) = cfg else {
+            return Ok(Self { list: None });
+        };
         let mut list = Vec::with_capacity(cfg.len());
         for c in cfg {
             let key = match &c.key {
@@ -70,8 +72,15 @@ impl Callers {
         self.list.is_some()
     }
 
-    pub fn identify(&self, addr: IpAddr, key: Option<&HeaderValue>, cert_names: &[String]) -> Identity {
-        let Some(list) = &self.list else { return Identity::Anonymous };
+    pub fn identify(
+        &self,
+        addr: IpAddr,
+        key: Option<&HeaderValue>,
+        cert_names: &[String],
+    ) -> Identity {
+        let Some(list) = &self.list else {
+            return Identity::Anonymous;
+        };
         // An IPv4 caller on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let addr = match addr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
@@ -81,7 +90,12 @@ impl Callers {
             if !c.addrs.is_empty() && !c.addrs.iter().any(|n| n.contains(&addr)) {
                 continue;
             }
-            if !c.cert_names.is_empty() && !c.cert_names.iter().any(|n| cert_names.iter().any(|m| m == n)) {
+            if !c.cert_names.is_empty()
+                && !c
+                    .cert_names
+                    .iter()
+                    .any(|n| cert_names.iter().any(|m| m == n))
+            {
                 continue;
             }
             if let Some(expected) = &c.key {
@@ -145,22 +159,43 @@ mod tests {
         let c = callers();
         let key: HeaderValue = "k-123".parse().unwrap();
         let wrong: HeaderValue = "k-12".parse().unwrap();
-        assert_eq!(c.identify("10.1.2.3".parse().unwrap(), None, &[]), Identity::Named("billing".into()));
-        assert_eq!(c.identify("10.1.2.3".parse().unwrap(), Some(&key), &[]), Identity::Named("billing".into()));
-        assert_eq!(c.identify("192.168.1.1".parse().unwrap(), Some(&key), &[]), Identity::Named("keyed".into()));
-        assert_eq!(c.identify("192.168.1.1".parse().unwrap(), Some(&wrong), &[]), Identity::Unknown);
-        assert_eq!(c.identify("127.0.0.1".parse().unwrap(), None, &[]), Identity::Unknown);
+        assert_eq!(
+            c.identify("10.1.2.3".parse().unwrap(), None, &[]),
+            Identity::Named("billing".into())
+        );
+        assert_eq!(
+            c.identify("10.1.2.3".parse().unwrap(), Some(&key), &[]),
+            Identity::Named("billing".into())
+        );
+        assert_eq!(
+            c.identify("192.168.1.1".parse().unwrap(), Some(&key), &[]),
+            Identity::Named("keyed".into())
+        );
+        assert_eq!(
+            c.identify("192.168.1.1".parse().unwrap(), Some(&wrong), &[]),
+            Identity::Unknown
+        );
+        assert_eq!(
+            c.identify("127.0.0.1".parse().unwrap(), None, &[]),
+            Identity::Unknown
+        );
         assert_eq!(
             c.identify("127.0.0.1".parse().unwrap(), None, &["svc.a".into()]),
             Identity::Named("both".into())
         );
-        assert_eq!(c.identify("::ffff:10.1.0.9".parse().unwrap(), None, &[]), Identity::Named("billing".into()));
+        assert_eq!(
+            c.identify("::ffff:10.1.0.9".parse().unwrap(), None, &[]),
+            Identity::Named("billing".into())
+        );
     }
 
     #[test]
     fn no_callers_section_means_anonymous() {
         let c = Callers::new(None).unwrap();
-        assert_eq!(c.identify("8.8.8.8".parse().unwrap(), None, &[]), Identity::Anonymous);
+        assert_eq!(
+            c.identify("8.8.8.8".parse().unwrap(), None, &[]),
+            Identity::Anonymous
+        );
         assert!(allowed(&Identity::Anonymous, None));
     }
 }

@@ -30,7 +30,10 @@ pub enum ProxyError {
     #[error("upstream unreachable")]
     UpstreamUnreachable(#[source] Box<dyn StdError + Send + Sync>),
     #[error("no valid token: {reason}")]
-    TokenUnavailable { reason: String, retry_after_secs: u64 },
+    TokenUnavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
     #[error("upstream did not answer within the route timeout")]
     UpstreamTimeout,
 }
@@ -69,13 +72,20 @@ impl ProxyError {
     fn public_message(&self) -> String {
         match self {
             ProxyError::UpstreamUnreachable(_) => "the upstream could not be reached".to_owned(),
-            ProxyError::TokenUnavailable { reason, .. } => format!("no valid token for the upstream: {reason}"),
+            ProxyError::TokenUnavailable { reason, .. } => {
+                format!("no valid token for the upstream: {reason}")
+            }
             other => other.to_string(),
         }
     }
 
     /// The JSON response of the contract.
-    pub fn to_response(&self, request_id: &str, route: Option<&str>, provider: Option<&str>) -> Response<GatewayBody> {
+    pub fn to_response(
+        &self,
+        request_id: &str,
+        route: Option<&str>,
+        provider: Option<&str>,
+    ) -> Response<GatewayBody> {
         let mut body = serde_json::json!({
             "error": self.code(),
             "message": self.public_message(),
@@ -89,9 +99,14 @@ impl ProxyError {
         }
         let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
         *resp.status_mut() = self.status();
-        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let ProxyError::TokenUnavailable { retry_after_secs, .. } = self {
-            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from((*retry_after_secs).max(1)));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::TokenUnavailable {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from((*retry_after_secs).max(1)));
         }
         resp
     }
@@ -110,7 +125,9 @@ pub fn chain(err: &(dyn StdError + 'static)) -> String {
 }
 
 /// Whether `err` or anything in its cause chain is an `E`.
-pub fn find_in_chain<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+pub fn find_in_chain<'a, E: StdError + 'static>(
+    err: &'a (dyn StdError + 'static),
+) -> Option<&'a E> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(found) = e.downcast_ref::<E>() {

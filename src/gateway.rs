@@ -68,11 +68,24 @@ impl Gateway {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, String> {
-        let snapshot = build_snapshot(Arc::new(config), None, &store, audit.as_ref(), &metrics, &shutdown)?;
+        let snapshot = build_snapshot(
+            Arc::new(config),
+            None,
+            &store,
+            audit.as_ref(),
+            &metrics,
+            &shutdown,
+        )?;
         for p in snapshot.providers.values() {
             p.start();
         }
-        let gw = Arc::new(Gateway { snapshot: ArcSwap::from_pointee(snapshot), metrics, audit, store, shutdown });
+        let gw = Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            audit,
+            store,
+            shutdown,
+        });
         gw.watch_store();
         Ok(gw)
     }
@@ -86,7 +99,14 @@ impl Gateway {
     /// (with their tokens and generations); new or changed ones start fresh.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let old = self.snapshot();
-        let new = build_snapshot(Arc::new(config), Some(&old), &self.store, self.audit.as_ref(), &self.metrics, &self.shutdown)?;
+        let new = build_snapshot(
+            Arc::new(config),
+            Some(&old),
+            &self.store,
+            self.audit.as_ref(),
+            &self.metrics,
+            &self.shutdown,
+        )?;
         for (name, p) in &new.providers {
             let kept = old.providers.get(name).is_some_and(|o| Arc::ptr_eq(o, p));
             if !kept {
@@ -99,7 +119,9 @@ impl Gateway {
 
     /// Fleet mode: adopt tokens other replicas stored.
     fn watch_store(self: &Arc<Self>) {
-        let Some(mut rx) = self.store.store.subscribe() else { return };
+        let Some(mut rx) = self.store.store.subscribe() else {
+            return;
+        };
         let gw = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -171,7 +193,8 @@ fn build_snapshot(
                     (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                     _ => None,
                 };
-                let c = client::build(rc.tls.ca.as_deref(), cert, https).map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
+                let c = client::build(rc.tls.ca.as_deref(), cert, https)
+                    .map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
                 clients.insert(key, c.clone());
                 c
             }
@@ -181,12 +204,15 @@ fn build_snapshot(
             .authority()
             .cloned()
             .ok_or_else(|| format!("{file}: routes[{i}].upstream: no host"))?;
-        let host_header =
-            HeaderValue::from_str(authority.as_str()).map_err(|_| format!("{file}: routes[{i}].upstream: bad host"))?;
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("{file}: routes[{i}].upstream: bad host"))?;
         routes.push(Route {
             name: Arc::from(rc.name.as_str()),
             provider: rc.provider.as_ref().and_then(|p| providers.get(p).cloned()),
-            allow: rc.allow.as_ref().map(|a| a.iter().map(|s| Arc::from(s.as_str())).collect()),
+            allow: rc
+                .allow
+                .as_ref()
+                .map(|a| a.iter().map(|s| Arc::from(s.as_str())).collect()),
             scheme: rc.upstream.scheme().cloned().unwrap_or(Scheme::HTTPS),
             base_path: rc.upstream.path().trim_end_matches('/').to_owned(),
             authority,
@@ -198,5 +224,12 @@ fn build_snapshot(
     }
     let table = RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str()));
     let callers = Callers::new(config.callers.as_deref()).map_err(|e| format!("{file}: {e}"))?;
-    Ok(Snapshot { unrouted: metrics.route(""), config, table, routes, providers, callers })
+    Ok(Snapshot {
+        unrouted: metrics.route(""),
+        config,
+        table,
+        routes,
+        providers,
+        callers,
+    })
 }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use authgate::config::{self, Config};
 
 #[derive(Parser, Debug)]
-#[command(name = "authgate", version, about = "Outbound authenticating gateway: one owner of each OAuth token")]
+#[command(
+    name = "authgate",
+    version,
+    about = "Outbound authenticating gateway: one owner of each OAuth token"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -46,7 +50,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -67,7 +73,9 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&config),
         Command::Run => with_runtime(&config, run(config.clone(), path)),
-        Command::Token { provider, reveal } => with_runtime(&config, token(config.clone(), provider, reveal)),
+        Command::Token { provider, reveal } => {
+            with_runtime(&config, token(config.clone(), provider, reveal))
+        }
     }
 }
 
@@ -90,13 +98,20 @@ fn check(config: &Config) -> ExitCode {
     println!("{}: OK", config.path.display());
     println!("routes:");
     for r in &config.routes {
-        let provider = r.provider.as_deref().map(|p| format!("provider {p}")).unwrap_or_else(|| "no credential".into());
+        let provider = r
+            .provider
+            .as_deref()
+            .map(|p| format!("provider {p}"))
+            .unwrap_or_else(|| "no credential".into());
         println!("  {:<20} -> {}  ({provider})", r.prefix, r.upstream);
     }
     if !config.providers.is_empty() {
         println!("providers:");
         for (name, p) in &config.providers {
-            let target = p.oauth().map(|c| c.token_url.to_string()).unwrap_or_default();
+            let target = p
+                .oauth()
+                .map(|c| c.token_url.to_string())
+                .unwrap_or_default();
             println!("  {name:<20} {} {target}", p.grant_kind().as_str());
         }
     }
@@ -122,7 +137,10 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
 #[cfg(unix)]
 async fn wait_for_signals(app: &authgate::App, path: &std::path::Path) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         let _ = tokio::signal::ctrl_c().await;
         return;
@@ -165,7 +183,10 @@ async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match provider.refresh_now(authgate::token::Trigger::Manual, Duration::from_secs(60)).await {
+    match provider
+        .refresh_now(authgate::token::Trigger::Manual, Duration::from_secs(60))
+        .await
+    {
         Ok(t) => {
             let now = tokio::time::Instant::now();
             println!("provider:   {name}");

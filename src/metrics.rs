@@ -44,7 +44,9 @@ struct Replay {
 }
 
 /// Upper bounds (seconds) of the request-duration buckets: 1 ms to 30 s.
-const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// A histogram over atomics (prometheus-client's own takes a mutex per observation).
 #[derive(Clone, Debug, Default)]
@@ -65,7 +67,9 @@ impl AtomicHistogram {
             self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.0.count.fetch_add(1, Ordering::Relaxed);
-        self.0.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.0
+            .sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -84,7 +88,8 @@ impl EncodeMetric for AtomicHistogram {
         let count = self.0.count.load(Ordering::Relaxed);
         buckets.push((f64::INFINITY, count));
         let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -134,7 +139,11 @@ impl Metrics {
         let audit_dropped = Counter::default();
         let reloads = Family::<Replay, Counter>::default();
         // Names without the `_total` suffix: the encoder appends it to counters.
-        registry.register("authgate_requests", "Requests answered, by route and status", requests.clone());
+        registry.register(
+            "authgate_requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
         registry.register(
             "authgate_request_duration_seconds",
             "Time to the response head, by route",
@@ -150,15 +159,31 @@ impl Metrics {
             "Requests that waited on a refresh already in flight",
             waiters.clone(),
         );
-        registry.register("authgate_replays", "Requests replayed after a 401, by outcome", replays.clone());
+        registry.register(
+            "authgate_replays",
+            "Requests replayed after a 401, by outcome",
+            replays.clone(),
+        );
         registry.register(
             "authgate_token_expiry_seconds",
             "Seconds until the current token expires (-1: no expiry known)",
             expiry.clone(),
         );
-        registry.register("authgate_store_errors", "Failed store reads and writes", store_errors.clone());
-        registry.register("authgate_audit_dropped", "Audit lines lost because the writer fell behind", audit_dropped.clone());
-        registry.register("authgate_config_reloads", "Config reloads, by outcome", reloads.clone());
+        registry.register(
+            "authgate_store_errors",
+            "Failed store reads and writes",
+            store_errors.clone(),
+        );
+        registry.register(
+            "authgate_audit_dropped",
+            "Audit lines lost because the writer fell behind",
+            audit_dropped.clone(),
+        );
+        registry.register(
+            "authgate_config_reloads",
+            "Config reloads, by outcome",
+            reloads.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -175,9 +200,14 @@ impl Metrics {
 
     /// Handles for one route; the series exist (at 0) from now on.
     pub fn route(self: &Arc<Self>, name: &str) -> RouteMetrics {
-        let duration = self.durations.get_or_create_owned(&RouteLabel { route: name.to_owned() });
+        let duration = self.durations.get_or_create_owned(&RouteLabel {
+            route: name.to_owned(),
+        });
         let replay = |outcome: &str| {
-            self.replays.get_or_create_owned(&Replay { route: name.to_owned(), outcome: outcome.to_owned() })
+            self.replays.get_or_create_owned(&Replay {
+                route: name.to_owned(),
+                outcome: outcome.to_owned(),
+            })
         };
         RouteMetrics(Arc::new(RouteInner {
             name: name.to_owned(),
@@ -201,7 +231,9 @@ impl Metrics {
                 });
             }
         }
-        let label = ProviderLabel { provider: name.to_owned() };
+        let label = ProviderLabel {
+            provider: name.to_owned(),
+        };
         ProviderMetrics {
             name: name.to_owned(),
             metrics: self.clone(),
@@ -220,7 +252,12 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
-        self.reloads.get_or_create(&Replay { route: String::new(), outcome: outcome.to_owned() }).inc();
+        self.reloads
+            .get_or_create(&Replay {
+                route: String::new(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Prometheus text format.

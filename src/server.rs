@@ -76,12 +76,18 @@ fn builder(opts: &ServerOpts) -> auto::Builder<TokioExecutor> {
 /// Accepts connections until `shutdown`, then stops accepting (the socket is
 /// closed, so new connections are refused) and drains in-flight requests for up to
 /// `shutdown_grace`.
-pub async fn serve<H, F>(listener: TcpListener, opts: ServerOpts, shutdown: CancellationToken, handler: H)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    opts: ServerOpts,
+    shutdown: CancellationToken,
+    handler: H,
+) where
     H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<GatewayBody>> + Send + 'static,
 {
-    let local = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let builder = Arc::new(builder(&opts));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(opts.max_connections));
@@ -104,7 +110,11 @@ where
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo { remote, local, cert_names: Arc::from(Vec::new()) });
+        let info = Arc::new(ConnInfo {
+            remote,
+            local,
+            cert_names: Arc::from(Vec::new()),
+        });
         let handler = handler.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();

@@ -11,7 +11,11 @@ use rustls::{ClientConfig, RootCertStore};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {reason}")]
-    Read { what: &'static str, path: String, reason: String },
+    Read {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -32,8 +36,15 @@ fn native_roots() -> &'static [CertificateDer<'static>] {
     })
 }
 
-pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read_err = |reason: String| TlsError::Read { what, path: path.display().to_string(), reason };
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_err = |reason: String| TlsError::Read {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| read_err(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -69,10 +80,12 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let mut cfg = match client {
-        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,
         None => builder.with_no_client_auth(),
     };
-    cfg.alpn_protocols = if h2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    // ALPN (h2, http/1.1) is set by the connector that uses this config.
+    let _ = h2;
     Ok(cfg)
 }

@@ -45,16 +45,9 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let de = toml::de::Deserializer::from(doc.clone());
     let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let span = e.inner().span();
-        let mut key = e.path().to_string();
+        // serde_path_to_error's path already ends with an unknown key's name.
+        let key = e.path().to_string();
         let message = e.inner().message().trim().to_owned();
-        // serde names the unknown key only in the message; put it in the path too.
-        if let Some(field) = unknown_field(&message) {
-            key = if key == "." {
-                field.to_owned()
-            } else {
-                format!("{key}.{field}")
-            };
-        }
         let key = (key != ".").then_some(key);
         at(span.map(|s| s.start), key, message)
     })?;
@@ -65,11 +58,6 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let key = key.to_string();
         at(offset, (!key.is_empty()).then_some(key), message)
     })
-}
-
-fn unknown_field(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("unknown field `")?;
-    rest.split('`').next()
 }
 
 fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {

@@ -31,7 +31,9 @@ pin_project_lite::pin_project! {
 impl GatewayBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
-        GatewayBody::Full { data: (!data.is_empty()).then_some(data) }
+        GatewayBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
     }
 
     pub fn empty() -> Self {
@@ -47,7 +49,10 @@ impl Body for GatewayBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
             GatewayBodyProj::Upstream { inner } => inner.poll_frame(cx),
             GatewayBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -64,7 +69,9 @@ impl Body for GatewayBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             GatewayBody::Upstream { inner } => inner.size_hint(),
-            GatewayBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            GatewayBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -90,11 +97,18 @@ pin_project_lite::pin_project! {
 
 impl UpstreamBody {
     pub fn buffered(data: Bytes) -> Self {
-        UpstreamBody::Buffered { data: (!data.is_empty()).then_some(data) }
+        UpstreamBody::Buffered {
+            data: (!data.is_empty()).then_some(data),
+        }
     }
 
     pub fn streaming(prefix: VecDeque<Bytes>, rest: Incoming, seen: u64, max: Option<u64>) -> Self {
-        UpstreamBody::Streaming { prefix, rest, seen, max: max.unwrap_or(u64::MAX) }
+        UpstreamBody::Streaming {
+            prefix,
+            rest,
+            seen,
+            max: max.unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -102,10 +116,20 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            UpstreamBodyProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            UpstreamBodyProj::Streaming { prefix, rest, seen, max } => {
+            UpstreamBodyProj::Buffered { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+            UpstreamBodyProj::Streaming {
+                prefix,
+                rest,
+                seen,
+                max,
+            } => {
                 if let Some(chunk) = prefix.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
@@ -130,13 +154,17 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Buffered { data } => data.is_none(),
-            UpstreamBody::Streaming { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
+            UpstreamBody::Streaming { prefix, rest, .. } => {
+                prefix.is_empty() && rest.is_end_stream()
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Buffered { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            UpstreamBody::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             UpstreamBody::Streaming { prefix, rest, .. } => {
                 let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
                 let inner = rest.size_hint();

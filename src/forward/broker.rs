@@ -27,7 +27,11 @@ pub(super) fn serve(
     conn: &ConnInfo,
     request_id: &HeaderValue,
 ) -> Result<Response<GatewayBody>, ProxyError> {
-    let name = req.uri().path().strip_prefix("/.authgate/token/").filter(|n| !n.is_empty() && !n.contains('/'));
+    let name = req
+        .uri()
+        .path()
+        .strip_prefix("/.authgate/token/")
+        .filter(|n| !n.is_empty() && !n.contains('/'));
     let (Some(name), true) = (name, req.method() == Method::GET) else {
         return Err(ProxyError::NoRoute);
     };
@@ -53,12 +57,17 @@ pub(super) fn serve(
     // An unknown provider and a hidden one look the same to the caller.
     let Some(provider) = provider.filter(|_| exposed) else {
         audit(403, None);
-        return Err(ProxyError::CallerForbidden(who.name().unwrap_or("anonymous").to_owned()));
+        return Err(ProxyError::CallerForbidden(
+            who.name().unwrap_or("anonymous").to_owned(),
+        ));
     };
     let now = Instant::now();
     let Some(token) = provider.current().filter(|t| t.is_valid(now)) else {
         audit(503, None);
-        return Err(ProxyError::TokenUnavailable { reason: "no valid token".into(), retry_after_secs: 1 });
+        return Err(ProxyError::TokenUnavailable {
+            reason: "no valid token".into(),
+            retry_after_secs: 1,
+        });
     };
     let mut body = serde_json::json!({
         "access_token": token.access_token.expose(),
@@ -69,7 +78,9 @@ pub(super) fn serve(
     }
     audit(200, Some(token.generation));
     let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }

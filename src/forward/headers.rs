@@ -48,8 +48,11 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
     headers.remove(&X_AUTHGATE_KEY);
     headers.remove(header::FORWARDED);
     headers.remove(header::HOST);
-    let forwarded: Vec<HeaderName> =
-        headers.keys().filter(|k| k.as_str().starts_with("x-forwarded-")).cloned().collect();
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
     for k in forwarded {
         headers.remove(k);
     }
@@ -75,7 +78,10 @@ mod tests {
     #[test]
     fn removes_hop_by_hop_and_connection_named_fields() {
         let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, x-secret-hop, X-Request-Id".parse().unwrap());
+        h.insert(
+            "connection",
+            "keep-alive, x-secret-hop, X-Request-Id".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("te", "trailers".parse().unwrap());

@@ -52,7 +52,11 @@ struct Outcome {
 }
 
 /// Serves one caller request. Never fails: errors become the contract's responses.
-pub async fn serve(gw: &Arc<Gateway>, req: Request<Incoming>, conn: &ConnInfo) -> Response<GatewayBody> {
+pub async fn serve(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+) -> Response<GatewayBody> {
     let started = Instant::now();
     let snap = gw.snapshot();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -60,7 +64,10 @@ pub async fn serve(gw: &Arc<Gateway>, req: Request<Incoming>, conn: &ConnInfo) -
         _ => headers::new_request_id(),
     };
     // Only what the audit line needs, and only when there is an audit log.
-    let audit_info = gw.audit.as_ref().map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+    let audit_info = gw
+        .audit
+        .as_ref()
+        .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
 
     let mut out = Outcome::default();
     let result = proxy(gw, &snap, req, conn, &request_id, &mut out).await;
@@ -77,12 +84,15 @@ pub async fn serve(gw: &Arc<Gateway>, req: Request<Incoming>, conn: &ConnInfo) -
             (resp, Some(e.code()))
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
 
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
     let route = out.route.map(|i| &snap.routes[i]);
-    route.map_or(&snap.unrouted.clone(), |r| &r.metrics).observe(status, elapsed);
+    route
+        .map_or(&snap.unrouted.clone(), |r| &r.metrics)
+        .observe(status, elapsed);
     if let (Some(audit), Some((method, path))) = (&gw.audit, audit_info) {
         audit.request(RequestRecord {
             ts: SystemTime::now(),
@@ -129,18 +139,31 @@ async fn proxy(
 ) -> Result<Response<GatewayBody>, ProxyError> {
     // 1. The request itself: never an open proxy, never a path that climbs out.
     if req.method() == Method::CONNECT {
-        return Err(ProxyError::BadRequest("CONNECT is not supported: authgate is not an open proxy"));
+        return Err(ProxyError::BadRequest(
+            "CONNECT is not supported: authgate is not an open proxy",
+        ));
     }
-    if req.version() != Version::HTTP_2 && req.uri().authority().is_some() && !is_self(req.uri(), conn) {
-        return Err(ProxyError::BadRequest("absolute-form request to another host: authgate is not an open proxy"));
+    if req.version() != Version::HTTP_2
+        && req.uri().authority().is_some()
+        && !is_self(req.uri(), conn)
+    {
+        return Err(ProxyError::BadRequest(
+            "absolute-form request to another host: authgate is not an open proxy",
+        ));
     }
     let path = req.uri().path();
     if !crate::route::path_is_safe(path) {
-        return Err(ProxyError::BadRequest("path has dot segments or encoded separators"));
+        return Err(ProxyError::BadRequest(
+            "path has dot segments or encoded separators",
+        ));
     }
 
     // 2. Who is calling.
-    let who = snap.callers.identify(conn.remote.ip(), req.headers().get(&X_AUTHGATE_KEY), &conn.cert_names);
+    let who = snap.callers.identify(
+        conn.remote.ip(),
+        req.headers().get(&X_AUTHGATE_KEY),
+        &conn.cert_names,
+    );
     out.caller = who.name().map(Arc::from);
 
     if path.starts_with("/.authgate/") {
@@ -155,7 +178,9 @@ async fn proxy(
         return Err(ProxyError::CallerUnknown);
     }
     if !allowed(&who, route.allow.as_deref()) {
-        return Err(ProxyError::CallerForbidden(who.name().unwrap_or("anonymous").to_owned()));
+        return Err(ProxyError::CallerForbidden(
+            who.name().unwrap_or("anonymous").to_owned(),
+        ));
     }
     let listen = &snap.config.listen;
     if let (Some(max), Some(len)) = (listen.max_body, content_length(req.headers())) {
@@ -167,9 +192,11 @@ async fn proxy(
 
     // 4. The credential: from the cell, or wait for the first fetch (bounded).
     let credential = match &route.provider {
-        Some(p) => Some(p.credential(route.cfg.timeout).await.map_err(|u| ProxyError::TokenUnavailable {
-            reason: u.reason,
-            retry_after_secs: u.retry_after.as_secs(),
+        Some(p) => Some(p.credential(route.cfg.timeout).await.map_err(|u| {
+            ProxyError::TokenUnavailable {
+                reason: u.reason,
+                retry_after_secs: u.retry_after.as_secs(),
+            }
         })?),
         None => None,
     };
@@ -180,16 +207,30 @@ async fn proxy(
     strip_hop_by_hop(&mut parts.headers);
     strip_caller_credentials(&mut parts.headers);
     parts.headers.insert(HOST, route.host_header.clone());
-    parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     if let (Some(p), Some(c)) = (&route.provider, &credential) {
-        parts.headers.insert(p.cfg.header.clone(), c.header_value.clone());
+        parts
+            .headers
+            .insert(p.cfg.header.clone(), c.header_value.clone());
         out.generation = Some(c.generation);
     }
-    let replay_possible = route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
-    let body = read_body(incoming, &parts.headers, listen.max_replay_body, listen.max_body, replay_possible).await?;
+    let replay_possible =
+        route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
+    let body = read_body(
+        incoming,
+        &parts.headers,
+        listen.max_replay_body,
+        listen.max_body,
+        replay_possible,
+    )
+    .await?;
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
-        (UpstreamBody::Buffered { data }, true) => Some((parts.headers.clone(), data.clone().unwrap_or_default())),
+        (UpstreamBody::Buffered { data }, true) => {
+            Some((parts.headers.clone(), data.clone().unwrap_or_default()))
+        }
         _ => None,
     };
     let method = parts.method.clone();
@@ -198,23 +239,37 @@ async fn proxy(
 
     // 6. A 401 that a new token may fix.
     let resp = match (&route.provider, &credential) {
-        (Some(provider), Some(sent)) if resp.status() == StatusCode::UNAUTHORIZED && refresh_worthy(resp.headers()) => {
+        (Some(provider), Some(sent))
+            if resp.status() == StatusCode::UNAUTHORIZED && refresh_worthy(resp.headers()) =>
+        {
             match kept {
                 Some((headers, data)) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    match provider.after_unauthorized(sent.generation, remaining).await {
+                    match provider
+                        .after_unauthorized(sent.generation, remaining)
+                        .await
+                    {
                         Some(fresh) => {
                             // Let the 401's connection go back to the pool.
                             drop(resp);
                             out.replayed = true;
                             out.generation = Some(fresh.generation);
-                            let replay = with_credential(method, uri, headers, &provider.cfg.header, &fresh, data);
+                            let replay = with_credential(
+                                method,
+                                uri,
+                                headers,
+                                &provider.cfg.header,
+                                &fresh,
+                                data,
+                            );
                             let resp = send(route, replay, deadline).await?;
-                            route.metrics.replay(if resp.status() == StatusCode::UNAUTHORIZED {
-                                ReplayOutcome::Unauthorized
-                            } else {
-                                ReplayOutcome::Ok
-                            });
+                            route
+                                .metrics
+                                .replay(if resp.status() == StatusCode::UNAUTHORIZED {
+                                    ReplayOutcome::Unauthorized
+                                } else {
+                                    ReplayOutcome::Ok
+                                });
                             resp
                         }
                         None => {
@@ -230,7 +285,9 @@ async fn proxy(
                     let provider = provider.clone();
                     let generation = sent.generation;
                     let wait = route.cfg.timeout;
-                    tokio::spawn(async move { provider.after_unauthorized(generation, wait).await });
+                    tokio::spawn(
+                        async move { provider.after_unauthorized(generation, wait).await },
+                    );
                     resp
                 }
             }
@@ -248,13 +305,18 @@ async fn proxy(
 /// An absolute-form request naming the gateway's own address is allowed (some
 /// clients always send absolute-form); any other host is an open-proxy attempt.
 fn is_self(uri: &Uri, conn: &ConnInfo) -> bool {
-    let Some(auth) = uri.authority() else { return true };
+    let Some(auth) = uri.authority() else {
+        return true;
+    };
     let port = auth.port_u16().unwrap_or(80);
     if port != conn.local.port() {
         return false;
     }
     let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == conn.local.ip())
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == conn.local.ip())
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -262,9 +324,12 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let mut path = String::with_capacity(route.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    let mut path = String::with_capacity(
+        route.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
+    );
     crate::route::join_path(&mut path, &route.base_path, rest, query);
-    let pq = PathAndQuery::from_maybe_shared(Bytes::from(path)).map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    let pq = PathAndQuery::from_maybe_shared(Bytes::from(path))
+        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
     Uri::builder()
         .scheme(route.scheme.clone())
         .authority(route.authority.clone())
@@ -287,7 +352,12 @@ async fn read_body(
     }
     let declared = content_length(headers);
     if !replay_possible || declared.is_some_and(|n| n > max_replay) {
-        return Ok(UpstreamBody::streaming(VecDeque::new(), incoming, 0, max_body));
+        return Ok(UpstreamBody::streaming(
+            VecDeque::new(),
+            incoming,
+            0,
+            max_body,
+        ));
     }
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut seen = 0u64;
@@ -322,7 +392,12 @@ async fn read_body(
     Ok(UpstreamBody::buffered(data))
 }
 
-fn build_request(method: Method, uri: Uri, headers: HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+fn build_request(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -343,7 +418,11 @@ fn with_credential(
     build_request(method, uri, headers, UpstreamBody::buffered(data))
 }
 
-async fn send(route: &Route, req: Request<UpstreamBody>, deadline: Instant) -> Result<Response<Incoming>, ProxyError> {
+async fn send(
+    route: &Route,
+    req: Request<UpstreamBody>,
+    deadline: Instant,
+) -> Result<Response<Incoming>, ProxyError> {
     match tokio::time::timeout_at(deadline, route.client.request(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(resp)) => Ok(resp),
@@ -376,7 +455,6 @@ fn refresh_worthy(h: &HeaderMap) -> bool {
     !saw_error
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -391,7 +469,9 @@ mod tests {
     #[test]
     fn which_401s_are_worth_a_refresh() {
         assert!(refresh_worthy(&HeaderMap::new()));
-        assert!(refresh_worthy(&h(r#"Bearer realm="x", error="invalid_token", error_description="expired""#)));
+        assert!(refresh_worthy(&h(
+            r#"Bearer realm="x", error="invalid_token", error_description="expired""#
+        )));
         assert!(refresh_worthy(&h(r#"Bearer error=invalid_token"#)));
         assert!(refresh_worthy(&h(r#"Bearer realm="api""#)));
         assert!(!refresh_worthy(&h(r#"Bearer error="invalid_request""#)));

@@ -111,7 +111,11 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     pub fn new(store: Arc<dyn TokenStore>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
-        Arc::new(Self { store, failing: false.into(), metrics })
+        Arc::new(Self {
+            store,
+            failing: false.into(),
+            metrics,
+        })
     }
 
     pub fn is_failing(&self) -> bool {
@@ -190,7 +194,9 @@ pub struct Provider {
 
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,15 +219,18 @@ impl Provider {
             Grant::ClientCredentials(c) | Grant::RefreshToken { client: c, .. } => {
                 let credential = ClientCredential::load(&c.auth)?;
                 let client_cert = match &c.auth {
-                    crate::config::ClientAuth::TlsClientAuth { cert, key } => Some((cert.as_path(), key.as_path())),
+                    crate::config::ClientAuth::TlsClientAuth { cert, key } => {
+                        Some((cert.as_path(), key.as_path()))
+                    }
                     _ => None,
                 };
                 let http = crate::forward::client::build(c.ca.as_deref(), client_cert, false)
                     .map_err(|e| format!("token endpoint TLS: {e}"))?;
                 let seed = match &cfg.grant {
-                    Grant::RefreshToken { initial_refresh_token, .. } => {
-                        Some(initial_refresh_token.load().map_err(|e| e.to_string())?)
-                    }
+                    Grant::RefreshToken {
+                        initial_refresh_token,
+                        ..
+                    } => Some(initial_refresh_token.load().map_err(|e| e.to_string())?),
                     _ => None,
                 };
                 (credential, Some(http), seed)
@@ -237,7 +246,10 @@ impl Provider {
             audit: deps.audit,
             fingerprint,
             cell: ArcSwapOption::empty(),
-            state: Mutex::new(State { refresh_token: seed, ..State::default() }),
+            state: Mutex::new(State {
+                refresh_token: seed,
+                ..State::default()
+            }),
             wake: Notify::new(),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
@@ -280,7 +292,10 @@ impl Provider {
 
     /// Whether the provider holds a valid token (readiness).
     pub fn is_ready(&self) -> bool {
-        self.cell.load().as_ref().is_some_and(|t| t.is_valid(Instant::now()))
+        self.cell
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.is_valid(Instant::now()))
     }
 
     /// The request path: the current credential if valid — a load from the cell and
@@ -291,7 +306,10 @@ impl Provider {
             let guard = self.cell.load();
             if let Some(t) = guard.as_ref() {
                 if t.is_valid(Instant::now()) {
-                    return Ok(Credential { header_value: t.header_value.clone(), generation: t.generation });
+                    return Ok(Credential {
+                        header_value: t.header_value.clone(),
+                        generation: t.generation,
+                    });
                 }
             }
         }
@@ -304,45 +322,64 @@ impl Provider {
                 Some(rx) => rx.clone(),
                 None if st.retry_at.is_some() => return Err(self.unavailable(&st)),
                 None => {
-                    let trigger = if self.cell.load().is_none() { Trigger::Startup } else { Trigger::Expiry };
+                    let trigger = if self.cell.load().is_none() {
+                        Trigger::Startup
+                    } else {
+                        Trigger::Expiry
+                    };
                     self.launch(&mut st, trigger)
                 }
             }
         };
         self.metrics.waiter();
         match wait_outcome(rx, wait).await {
-            Ok(t) if t.is_valid(Instant::now()) => {
-                Ok(Credential { header_value: t.header_value.clone(), generation: t.generation })
-            }
+            Ok(t) if t.is_valid(Instant::now()) => Ok(Credential {
+                header_value: t.header_value.clone(),
+                generation: t.generation,
+            }),
             _ => Err(self.unavailable(&self.state())),
         }
     }
 
     fn unavailable(&self, st: &State) -> Unavailable {
         let now = Instant::now();
-        let retry_after = st.retry_at.map_or(Duration::from_secs(1), |r| r.saturating_duration_since(now));
+        let retry_after = st
+            .retry_at
+            .map_or(Duration::from_secs(1), |r| r.saturating_duration_since(now));
         let reason = if st.reauth_required {
             "reauthorization required".to_owned()
         } else if let Some(last) = st.last.as_ref().filter(|l| l.outcome == "error") {
-            format!("token request failed ({})", last.error.as_deref().unwrap_or("error"))
+            format!(
+                "token request failed ({})",
+                last.error.as_deref().unwrap_or("error")
+            )
         } else {
             "token not obtained yet".to_owned()
         };
-        Unavailable { reason, retry_after: retry_after.max(Duration::from_secs(1)) }
+        Unavailable {
+            reason,
+            retry_after: retry_after.max(Duration::from_secs(1)),
+        }
     }
 
     /// After an upstream 401 (with `invalid_token`, or no error named) for a request
     /// that sent generation `sent`: the credential to replay with, if any. A newer
     /// token is returned at once; otherwise one refresh is started or joined, unless
     /// one ran within `min_refresh_interval`.
-    pub async fn after_unauthorized(self: &Arc<Self>, sent: u64, wait: Duration) -> Option<Credential> {
+    pub async fn after_unauthorized(
+        self: &Arc<Self>,
+        sent: u64,
+        wait: Duration,
+    ) -> Option<Credential> {
         if self.is_static() {
             return None;
         }
-        let newer = |t: &Token| (t.generation > sent && t.is_valid(Instant::now())).then(|| Credential {
-            header_value: t.header_value.clone(),
-            generation: t.generation,
-        });
+        let newer = |t: &Token| {
+            (t.generation > sent && t.is_valid(Instant::now())).then(|| Credential {
+                header_value: t.header_value.clone(),
+                generation: t.generation,
+            })
+        };
         if let Some(c) = self.cell.load().as_deref().and_then(newer) {
             return Some(c);
         }
@@ -358,7 +395,9 @@ impl Provider {
                     if st.reauth_required {
                         return None;
                     }
-                    let recent = st.last_start.is_some_and(|t| t.elapsed() < self.cfg.min_refresh_interval);
+                    let recent = st
+                        .last_start
+                        .is_some_and(|t| t.elapsed() < self.cfg.min_refresh_interval);
                     if recent {
                         return None;
                     }
@@ -374,7 +413,11 @@ impl Provider {
     }
 
     /// Asks for a refresh now (admin or CLI); returns its outcome.
-    pub async fn refresh_now(self: &Arc<Self>, trigger: Trigger, wait: Duration) -> Result<Arc<Token>, TokenError> {
+    pub async fn refresh_now(
+        self: &Arc<Self>,
+        trigger: Trigger,
+        wait: Duration,
+    ) -> Result<Arc<Token>, TokenError> {
         if self.is_static() {
             return self.current().ok_or(TokenError::Abandoned);
         }
@@ -390,7 +433,11 @@ impl Provider {
 
     /// Starts a refresh task. Called with the state lock held, so two callers can
     /// never both start one.
-    fn launch(self: &Arc<Self>, st: &mut State, trigger: Trigger) -> watch::Receiver<Option<Outcome>> {
+    fn launch(
+        self: &Arc<Self>,
+        st: &mut State,
+        trigger: Trigger,
+    ) -> watch::Receiver<Option<Outcome>> {
         let (tx, rx) = watch::channel(None);
         st.flight = Some(rx.clone());
         st.last_start = Some(Instant::now());
@@ -417,7 +464,8 @@ impl Provider {
                 st.retry_at = None;
                 st.reauth_required = false;
                 self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
-                self.metrics.set_expiry(t.expires_in(now).map(|d| d.as_secs_f64()));
+                self.metrics
+                    .set_expiry(t.expires_in(now).map(|d| d.as_secs_f64()));
                 tracing::info!(provider = %self.name, trigger = trigger.as_str(), generation = t.generation,
                     expires_in_s = t.expires_in(now).map(|d| d.as_secs()), "token refreshed");
                 ("ok", None)
@@ -435,18 +483,27 @@ impl Provider {
                 };
                 st.retry_at = Some(now + delay);
                 match e.retry() {
-                    Retry::Transient(_) => tracing::warn!(provider = %self.name, trigger = trigger.as_str(),
-                        error = %e, retry_in_s = delay.as_secs(), "token request failed"),
-                    Retry::Slow => tracing::error!(provider = %self.name, trigger = trigger.as_str(),
+                    Retry::Transient(_) => {
+                        tracing::warn!(provider = %self.name, trigger = trigger.as_str(),
+                        error = %e, retry_in_s = delay.as_secs(), "token request failed")
+                    }
+                    Retry::Slow => {
+                        tracing::error!(provider = %self.name, trigger = trigger.as_str(),
                         error = %e, retry_in_s = delay.as_secs(),
-                        "token endpoint rejected the client; check the provider's credentials"),
+                        "token endpoint rejected the client; check the provider's credentials")
+                    }
                     Retry::Never => tracing::error!(provider = %self.name, error = %e,
                         "refresh token rejected: reauthorization required"),
                 }
                 ("error", Some(e.code()))
             }
         };
-        st.last = Some(LastRefresh { trigger, outcome: outcome_str, at: SystemTime::now(), error: error.clone() });
+        st.last = Some(LastRefresh {
+            trigger,
+            outcome: outcome_str,
+            at: SystemTime::now(),
+            error: error.clone(),
+        });
         drop(st);
         self.metrics.refresh(trigger.as_str(), outcome_str);
         if let Some(audit) = &self.audit {
@@ -474,7 +531,12 @@ impl Provider {
     async fn obtain(self: &Arc<Self>, trigger: Trigger) -> Outcome {
         // Fleet mode: one refresh across all replicas. A store that cannot lock
         // (database down) must not stop us: refresh locally, degraded.
-        let lease = match tokio::time::timeout(Duration::from_secs(35), self.store.store.lock_refresh(&self.name)).await {
+        let lease = match tokio::time::timeout(
+            Duration::from_secs(35),
+            self.store.store.lock_refresh(&self.name),
+        )
+        .await
+        {
             Ok(Ok(lease)) => lease,
             Ok(Err(e)) => {
                 self.store.record(&Err(e.to_string()));
@@ -501,20 +563,21 @@ impl Provider {
     /// than the refresh margin. Also takes the stored refresh token (the newest one
     /// always wins over the configured seed).
     async fn adopt_stored(self: &Arc<Self>, startup: bool) -> Option<Arc<Token>> {
-        let stored = match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-            Ok(Ok(s)) => {
-                self.store.record(&Ok(()));
-                s?
-            }
-            Ok(Err(e)) => {
-                self.store.record(&Err(e.to_string()));
-                return None;
-            }
-            Err(_) => {
-                self.store.record(&Err("store read timed out".into()));
-                return None;
-            }
-        };
+        let stored =
+            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
+                Ok(Ok(s)) => {
+                    self.store.record(&Ok(()));
+                    s?
+                }
+                Ok(Err(e)) => {
+                    self.store.record(&Err(e.to_string()));
+                    return None;
+                }
+                Err(_) => {
+                    self.store.record(&Err("store read timed out".into()));
+                    return None;
+                }
+            };
         if stored.fingerprint != self.fingerprint {
             if startup {
                 tracing::info!(provider = %self.name, "stored token was obtained with other provider settings; ignoring it");
@@ -538,14 +601,21 @@ impl Provider {
             Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
             None => None,
         };
-        let lifetime = stored.expires_at_unix.map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
+        let lifetime = stored
+            .expires_at_unix
+            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
         if let (Some(rem), Some(life)) = (remaining, lifetime) {
             if rem <= self.margin(life) {
                 return None;
             }
         }
         let token = self
-            .make_token(stored.access_token.clone(), remaining, stored.scope.clone(), stored.generation)
+            .make_token(
+                stored.access_token.clone(),
+                remaining,
+                stored.scope.clone(),
+                stored.generation,
+            )
             .ok()?;
         let token = Arc::new(Token { lifetime, ..token });
         self.cell.store(Some(token.clone()));
@@ -574,15 +644,22 @@ impl Provider {
         let _ = trigger;
 
         let current = self.current();
-        let same = current.as_ref().is_some_and(|c| c.access_token == resp.access_token);
+        let same = current
+            .as_ref()
+            .is_some_and(|c| c.access_token == resp.access_token);
         let generation = {
             let mut st = self.state();
-            let base = st.max_generation.max(current.as_ref().map_or(0, |c| c.generation));
+            let base = st
+                .max_generation
+                .max(current.as_ref().map_or(0, |c| c.generation));
             let g = if same { base.max(1) } else { base + 1 };
             st.max_generation = g;
             g
         };
-        let token = Arc::new(self.make_token(resp.access_token, resp.expires_in, resp.scope, generation).map_err(TokenError::InvalidResponse)?);
+        let token = Arc::new(
+            self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
+                .map_err(TokenError::InvalidResponse)?,
+        );
         let stored = StoredToken {
             access_token: token.access_token.clone(),
             refresh_token: None,
@@ -604,7 +681,10 @@ impl Provider {
                 }
                 st.refresh_token.clone()
             };
-            let stored = StoredToken { refresh_token: newest, ..stored };
+            let stored = StoredToken {
+                refresh_token: newest,
+                ..stored
+            };
             self.persist(stored).await;
         } else {
             let this = self.clone();
@@ -634,7 +714,10 @@ impl Provider {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
                     _ = this.shutdown.cancelled() => return,
                 }
-                if this.current().is_some_and(|t| t.generation > stored.generation) {
+                if this
+                    .current()
+                    .is_some_and(|t| t.generation > stored.generation)
+                {
                     return;
                 }
                 if this.try_save(&stored).await {
@@ -646,17 +729,26 @@ impl Provider {
     }
 
     async fn try_save(&self, stored: &StoredToken) -> bool {
-        let res = match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("store write timed out".to_owned()),
-        };
+        let res =
+            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored))
+                .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("store write timed out".to_owned()),
+            };
         let ok = res.is_ok();
         self.store.record(&res);
         ok
     }
 
-    fn make_token(&self, value: Secret, lifetime: Option<Duration>, scope: Option<String>, generation: u64) -> Result<Token, String> {
+    fn make_token(
+        &self,
+        value: Secret,
+        lifetime: Option<Duration>,
+        scope: Option<String>,
+        generation: u64,
+    ) -> Result<Token, String> {
         let text = if self.cfg.scheme.is_empty() {
             value.expose().to_owned()
         } else {
@@ -679,7 +771,10 @@ impl Provider {
 
     /// How long before expiry a token is refreshed.
     fn margin(&self, lifetime: Duration) -> Duration {
-        self.cfg.refresh_before.unwrap_or(DEFAULT_REFRESH_BEFORE).min(lifetime / 2)
+        self.cfg
+            .refresh_before
+            .unwrap_or(DEFAULT_REFRESH_BEFORE)
+            .min(lifetime / 2)
     }
 
     /// The background refresher: fetch at start-up, then before each expiry, and
@@ -707,7 +802,11 @@ impl Provider {
                 match &st.flight {
                     Some(rx) => rx.clone(),
                     None => {
-                        let trigger = if self.cell.load().is_none() { Trigger::Startup } else { Trigger::Expiry };
+                        let trigger = if self.cell.load().is_none() {
+                            Trigger::Startup
+                        } else {
+                            Trigger::Expiry
+                        };
                         self.launch(&mut st, trigger)
                     }
                 }
@@ -734,11 +833,18 @@ impl Provider {
         let token = self.cell.load_full();
         match token.as_deref() {
             None => Some(Instant::now()),
-            Some(Token { expires_at: Some(exp), lifetime: Some(life), .. }) => {
+            Some(Token {
+                expires_at: Some(exp),
+                lifetime: Some(life),
+                ..
+            }) => {
                 let margin = self.margin(*life);
                 // Jitter so a fleet of gateways does not refresh in lockstep.
                 let jitter = margin.mul_f64(rand::random_range(0.0..0.1));
-                Some(exp.checked_sub(margin + jitter).unwrap_or_else(Instant::now))
+                Some(
+                    exp.checked_sub(margin + jitter)
+                        .unwrap_or_else(Instant::now),
+                )
             }
             Some(_) => None,
         }
@@ -757,11 +863,16 @@ impl Provider {
             grant: self.cfg.grant_kind().as_str(),
             ready: token.as_ref().is_some_and(|t| t.is_valid(now)),
             generation: token.as_ref().map(|t| t.generation),
-            expires_in_s: token.as_ref().and_then(|t| t.expires_in(now)).map(|d| d.as_secs()),
+            expires_in_s: token
+                .as_ref()
+                .and_then(|t| t.expires_in(now))
+                .map(|d| d.as_secs()),
             scope: token.as_ref().and_then(|t| t.scope.clone()),
             refreshing: st.flight.is_some(),
             reauth_required: st.reauth_required,
-            retry_in_s: st.retry_at.map(|r| r.saturating_duration_since(now).as_secs()),
+            retry_in_s: st
+                .retry_at
+                .map(|r| r.saturating_duration_since(now).as_secs()),
             last_refresh: st.last.clone(),
             refreshes_ok: self.refreshes_ok.load(Ordering::Relaxed),
             refreshes_failed: self.refreshes_failed.load(Ordering::Relaxed),
@@ -802,12 +913,16 @@ async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>, wait: Duration) 
 
 /// Exponential backoff with full jitter between half and all of the step.
 fn backoff(attempt: u32, base_secs: u64, cap_secs: u64) -> Duration {
-    let step = base_secs.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(cap_secs);
+    let step = base_secs
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+        .min(cap_secs);
     Duration::from_secs_f64(step as f64 * rand::random_range(0.5..=1.0))
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Identifies the settings a token was obtained with; a stored token for other
@@ -827,5 +942,10 @@ fn fingerprint(cfg: &ProviderConfig) -> String {
             ctx.update(part.as_bytes());
         }
     }
-    ctx.finish().as_ref().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -29,9 +29,16 @@ pub enum TokenError {
     #[error("token endpoint did not answer within {0:?}")]
     Timeout(Duration),
     #[error("token endpoint answered HTTP {status}")]
-    Http { status: u16, retry_after: Option<Duration> },
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     #[error("token endpoint refused the request: {code}{}", .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    OAuth { code: String, description: Option<String>, status: u16 },
+    OAuth {
+        code: String,
+        description: Option<String>,
+        status: u16,
+    },
     #[error("token endpoint redirected (HTTP {0}); redirects are never followed")]
     Redirect(u16),
     #[error("invalid token response: {0}")]
@@ -58,12 +65,19 @@ pub enum Retry {
 impl TokenError {
     pub fn retry(&self) -> Retry {
         match self {
-            TokenError::Transport(_) | TokenError::Timeout(_) | TokenError::Abandoned => Retry::Transient(None),
-            TokenError::Http { status, retry_after } if *status >= 500 || *status == 429 || *status == 408 => {
+            TokenError::Transport(_) | TokenError::Timeout(_) | TokenError::Abandoned => {
+                Retry::Transient(None)
+            }
+            TokenError::Http {
+                status,
+                retry_after,
+            } if *status >= 500 || *status == 429 || *status == 408 => {
                 Retry::Transient(*retry_after)
             }
             TokenError::ReauthRequired => Retry::Never,
-            TokenError::OAuth { code, .. } if code == "temporarily_unavailable" || code == "server_error" => {
+            TokenError::OAuth { code, .. }
+                if code == "temporarily_unavailable" || code == "server_error" =>
+            {
                 Retry::Transient(None)
             }
             _ => Retry::Slow,
@@ -108,7 +122,11 @@ pub enum GrantRequest<'a> {
 pub enum ClientCredential {
     None,
     Secret(Secret),
-    Jwt { key: jsonwebtoken::EncodingKey, key_id: Option<String>, alg: jsonwebtoken::Algorithm },
+    Jwt {
+        key: jsonwebtoken::EncodingKey,
+        key_id: Option<String>,
+        alg: jsonwebtoken::Algorithm,
+    },
 }
 
 impl std::fmt::Debug for ClientCredential {
@@ -116,7 +134,9 @@ impl std::fmt::Debug for ClientCredential {
         match self {
             ClientCredential::None => f.write_str("None"),
             ClientCredential::Secret(_) => f.write_str("Secret(***)"),
-            ClientCredential::Jwt { key_id, alg, .. } => write!(f, "Jwt {{ key: ***, key_id: {key_id:?}, alg: {alg:?} }}"),
+            ClientCredential::Jwt { key_id, alg, .. } => {
+                write!(f, "Jwt {{ key: ***, key_id: {key_id:?}, alg: {alg:?} }}")
+            }
         }
     }
 }
@@ -129,14 +149,29 @@ impl ClientCredential {
                 ClientCredential::Secret(src.load().map_err(|e| e.to_string())?)
             }
             ClientAuth::PrivateKeyJwt { key, key_id, alg } => {
-                let pem = std::fs::read(key).map_err(|e| format!("cannot read client_key {}: {e}", key.display()))?;
+                let pem = std::fs::read(key)
+                    .map_err(|e| format!("cannot read client_key {}: {e}", key.display()))?;
                 let (key, alg) = match alg {
-                    JwtAlg::RS256 => (jsonwebtoken::EncodingKey::from_rsa_pem(&pem), jsonwebtoken::Algorithm::RS256),
-                    JwtAlg::PS256 => (jsonwebtoken::EncodingKey::from_rsa_pem(&pem), jsonwebtoken::Algorithm::PS256),
-                    JwtAlg::ES256 => (jsonwebtoken::EncodingKey::from_ec_pem(&pem), jsonwebtoken::Algorithm::ES256),
+                    JwtAlg::RS256 => (
+                        jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+                        jsonwebtoken::Algorithm::RS256,
+                    ),
+                    JwtAlg::PS256 => (
+                        jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+                        jsonwebtoken::Algorithm::PS256,
+                    ),
+                    JwtAlg::ES256 => (
+                        jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+                        jsonwebtoken::Algorithm::ES256,
+                    ),
                 };
-                let key = key.map_err(|e| format!("client_key is not a usable {alg:?} private key: {e}"))?;
-                ClientCredential::Jwt { key, key_id: key_id.clone(), alg }
+                let key = key
+                    .map_err(|e| format!("client_key is not a usable {alg:?} private key: {e}"))?;
+                ClientCredential::Jwt {
+                    key,
+                    key_id: key_id.clone(),
+                    alg,
+                }
             }
         })
     }
@@ -170,7 +205,9 @@ fn client_assertion(
     key_id: Option<&str>,
     alg: jsonwebtoken::Algorithm,
 ) -> Result<String, TokenError> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut header = jsonwebtoken::Header::new(alg);
     header.kid = key_id.map(str::to_owned);
     let claims = AssertionClaims {
@@ -182,7 +219,8 @@ fn client_assertion(
         exp: now + 60,
         jti: format!("{:032x}", rand::random::<u128>()),
     };
-    jsonwebtoken::encode(&header, &claims, key).map_err(|e| TokenError::ClientSetup(format!("cannot sign client assertion: {e}")))
+    jsonwebtoken::encode(&header, &claims, key)
+        .map_err(|e| TokenError::ClientSetup(format!("cannot sign client assertion: {e}")))
 }
 
 /// The form body and, for `client_secret_basic`, the `Authorization` value.
@@ -223,13 +261,20 @@ fn build_form(
         (ClientAuth::PrivateKeyJwt { .. }, ClientCredential::Jwt { key, key_id, alg }) => {
             form.append_pair("client_id", &client.client_id);
             form.append_pair("client_assertion_type", ASSERTION_TYPE);
-            form.append_pair("client_assertion", &client_assertion(client, key, key_id.as_deref(), *alg)?);
+            form.append_pair(
+                "client_assertion",
+                &client_assertion(client, key, key_id.as_deref(), *alg)?,
+            );
         }
         // tls_client_auth (RFC 8705 §2): the certificate authenticates; the id still goes in the body.
         (ClientAuth::TlsClientAuth { .. } | ClientAuth::None, _) => {
             form.append_pair("client_id", &client.client_id);
         }
-        _ => return Err(TokenError::ClientSetup("client credential does not match client_auth".into())),
+        _ => {
+            return Err(TokenError::ClientSetup(
+                "client credential does not match client_auth".into(),
+            ))
+        }
     }
     Ok((zeroize::Zeroizing::new(form.finish()), authorization))
 }
@@ -251,19 +296,25 @@ pub async fn request_token(
         .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
         .map_err(|e| TokenError::ClientSetup(e.to_string()))?;
     if let Some(auth) = authorization {
-        let mut v = HeaderValue::from_str(&auth).map_err(|_| TokenError::ClientSetup("invalid client credentials".into()))?;
+        let mut v = HeaderValue::from_str(&auth)
+            .map_err(|_| TokenError::ClientSetup("invalid client credentials".into()))?;
         v.set_sensitive(true);
         req.headers_mut().insert(AUTHORIZATION, v);
     }
 
     let exchange = async {
-        let resp = http.request(req).await.map_err(|e| TokenError::Transport(crate::error::chain(&e)))?;
+        let resp = http
+            .request(req)
+            .await
+            .map_err(|e| TokenError::Transport(crate::error::chain(&e)))?;
         let status = resp.status();
         let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|_| TokenError::InvalidResponse("response body too large or cut short".into()))?
+            .map_err(|_| {
+                TokenError::InvalidResponse("response body too large or cut short".into())
+            })?
             .to_bytes();
         Ok::<_, TokenError>((status, retry_after, body))
     };
@@ -280,7 +331,11 @@ pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
         return Some(Duration::from_secs(secs.min(3600)));
     }
     let when = httpdate::parse_http_date(s).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_secs(3600)))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(3600)),
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -299,7 +354,11 @@ struct RawError {
 }
 
 /// RFC 6749 §5.1 / §5.2, leniently where the RFC allows and strictly where it matters.
-pub fn parse_response(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Result<TokenResponse, TokenError> {
+pub fn parse_response(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<TokenResponse, TokenError> {
     if status.is_redirection() {
         return Err(TokenError::Redirect(status.as_u16()));
     }
@@ -311,7 +370,10 @@ pub fn parse_response(status: StatusCode, retry_after: Option<Duration>, body: &
                 status: status.as_u16(),
             });
         }
-        return Err(TokenError::Http { status: status.as_u16(), retry_after });
+        return Err(TokenError::Http {
+            status: status.as_u16(),
+            retry_after,
+        });
     }
     let raw: RawSuccess = serde_json::from_slice(body)
         .map_err(|_| TokenError::InvalidResponse("body is not a JSON token response".into()))?;
@@ -320,19 +382,30 @@ pub fn parse_response(status: StatusCode, retry_after: Option<Duration>, body: &
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
     if access_token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-        return Err(TokenError::InvalidResponse("access_token has characters not allowed in a header".into()));
+        return Err(TokenError::InvalidResponse(
+            "access_token has characters not allowed in a header".into(),
+        ));
     }
     let token_type = raw.token_type.unwrap_or_else(|| "Bearer".into());
     if !token_type.eq_ignore_ascii_case("bearer") {
-        return Err(TokenError::InvalidResponse(format!("token_type {:?} is not Bearer", sanitize(&token_type))));
+        return Err(TokenError::InvalidResponse(format!(
+            "token_type {:?} is not Bearer",
+            sanitize(&token_type)
+        )));
     }
     let expires_in = match raw.expires_in {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => {
-            Some(s.trim().parse::<f64>().map_err(|_| TokenError::InvalidResponse("expires_in is not a number".into()))?)
+        Some(serde_json::Value::String(s)) => Some(
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| TokenError::InvalidResponse("expires_in is not a number".into()))?,
+        ),
+        Some(_) => {
+            return Err(TokenError::InvalidResponse(
+                "expires_in is not a number".into(),
+            ))
         }
-        Some(_) => return Err(TokenError::InvalidResponse("expires_in is not a number".into())),
     }
     .map(clamp_lifetime);
     Ok(TokenResponse {
@@ -355,7 +428,10 @@ fn clamp_lifetime(secs: f64) -> Duration {
 
 /// IdP-provided text shown in logs: printable ASCII, bounded.
 fn sanitize(s: &str) -> String {
-    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect()
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(120)
+        .collect()
 }
 
 #[cfg(test)]
@@ -399,10 +475,20 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        let e = parse_response(StatusCode::UNAUTHORIZED, None, br#"{"error":"invalid_client"}"#).unwrap_err();
+        let e = parse_response(
+            StatusCode::UNAUTHORIZED,
+            None,
+            br#"{"error":"invalid_client"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.code(), "invalid_client");
         assert_eq!(e.retry(), Retry::Slow);
-        let e = parse_response(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(7)), b"oops").unwrap_err();
+        let e = parse_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(7)),
+            b"oops",
+        )
+        .unwrap_err();
         assert_eq!(e.retry(), Retry::Transient(Some(Duration::from_secs(7))));
         let e = parse_response(StatusCode::FOUND, None, b"").unwrap_err();
         assert_eq!(e.code(), "redirect");

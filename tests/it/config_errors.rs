@@ -1,0 +1,157 @@
+//! Config errors name file, line, column and key path; `check` exits 2 on them.
+
+use std::process::Command;
+
+fn check(toml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "proxy.toml");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+const BASE: &str = r#"[listen]
+addr = "127.0.0.1:0"
+
+[providers.crm]
+grant = "static"
+token_env = "X"
+
+[providers.erp]
+grant = "static"
+token_env = "Y"
+"#;
+
+#[test]
+fn shipped_proxy_toml_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/crm"));
+}
+
+#[test]
+fn unknown_provider_names_line_column_and_key() {
+    let toml = format!(
+        "{BASE}\n[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n\n[[routes]]\nprefix = \"/b\"\nupstream = \"http://127.0.0.1:1\"\n\n[[routes]]\nprefix = \"/c\"\nupstream = \"http://127.0.0.1:1\"\nprovider = \"crn\"\n"
+    );
+    let (code, _, err) = check(&toml);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        r#"proxy.toml:23:1: routes[2].provider: unknown provider "crn" (known: crm, erp)"#
+    );
+}
+
+#[test]
+fn unknown_key_is_an_error() {
+    let (code, _, err) = check("[listen]\naddr = \"127.0.0.1:0\"\nadress = \"x\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("proxy.toml:3:1: listen.adress: unknown field `adress`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_duration_and_size_are_located() {
+    let (code, _, err) =
+        check("[listen]\naddr = \"127.0.0.1:0\"\nheader_timeout = \"10 parsecs\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("proxy.toml:3:18: listen.header_timeout: invalid duration"),
+        "{err}"
+    );
+    let (code, _, err) = check("[listen]\naddr = \"127.0.0.1:0\"\nmax_body = \"lots\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("proxy.toml:3:12: listen.max_body: invalid size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plain_http_upstream_needs_loopback_or_allow_http() {
+    let toml = "[listen]\naddr = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"http://api.example\"\n";
+    let (code, _, err) = check(toml);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("routes[0].upstream: upstream \"http://api.example\" is plain http"),
+        "{err}"
+    );
+    let (code, _, _) = check(&format!("{toml}allow_http = true\n"));
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn duplicate_prefixes_and_unknown_callers_are_refused() {
+    let toml = "[listen]\naddr = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"https://x.example\"\n[[routes]]\nprefix = \"/a/\"\nupstream = \"https://y.example\"\n";
+    let (code, _, err) = check(toml);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("proxy.toml:7:1: routes[1].prefix: duplicate prefix \"/a\""),
+        "{err}"
+    );
+    let toml = "[listen]\naddr = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"https://x.example\"\nallow = [\"billing\"]\n[callers.reports]\naddrs = [\"10.0.0.0/8\"]\n";
+    let (code, _, err) = check(toml);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("routes[0].allow[0]: unknown caller \"billing\" (known: reports)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn secrets_cannot_be_written_in_the_file() {
+    let (code, _, err) = check(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[providers.p]\ngrant = \"static\"\ntoken = \"abc\"\n",
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("providers.p.token: unknown field `token`"),
+        "{err}"
+    );
+    assert!(!err.contains("abc"));
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let (code, _, err) = check("[listen\naddr = 1\n");
+    assert_eq!(code, 2);
+    assert!(err.starts_with("proxy.toml:1:"), "{err}");
+}
+
+#[test]
+fn run_exits_2_on_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, "[listen]\naddr = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen.addr"));
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real gateway, in-process, against mock IdPs and upstreams.
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod config_errors;
+mod forward;
+mod tokens;

@@ -1,0 +1,254 @@
+//! A mock OAuth token endpoint that counts requests and can expire, revoke,
+//! delay, fail and rotate. Tokens are `tok-<n>`; the upstream asks `is_valid`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+
+use super::{full, serve, TestBody};
+
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// Answer with this status and body.
+    Status(u16, String),
+    /// Close the connection without answering... approximated by a long hang.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub form: Vec<(String, String)>,
+    pub authorization: Option<String>,
+}
+
+impl SeenRequest {
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug)]
+pub struct IdpState {
+    pub requests: AtomicU64,
+    issued: AtomicU64,
+    valid: Mutex<HashSet<String>>,
+    pub expires_in: Mutex<Option<serde_json::Value>>,
+    pub delay: Mutex<Duration>,
+    pub failure: Mutex<Option<Failure>>,
+    /// Rotate refresh tokens: each refresh returns a new one, the old one dies.
+    pub rotate: bool,
+    refresh_tokens: Mutex<HashSet<String>>,
+    /// The token every response carries, if set (to test "same token again").
+    pub fixed_token: Mutex<Option<String>>,
+    /// Revoke older tokens whenever a new one is issued.
+    pub revoke_on_issue: Mutex<bool>,
+    pub seen: Mutex<Vec<SeenRequest>>,
+    pub expected_basic: Mutex<Option<String>>,
+    pub jwt_key: Mutex<Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm)>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MockIdp {
+    pub addr: SocketAddr,
+    pub state: Arc<IdpState>,
+}
+
+impl MockIdp {
+    pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    pub async fn start_with(rotate: bool) -> Self {
+        let state = Arc::new(IdpState {
+            requests: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            valid: Mutex::new(HashSet::new()),
+            expires_in: Mutex::new(Some(serde_json::json!(3600))),
+            delay: Mutex::new(Duration::ZERO),
+            failure: Mutex::new(None),
+            rotate,
+            refresh_tokens: Mutex::new(HashSet::from(["rt-0".to_owned()])),
+            fixed_token: Mutex::new(None),
+            revoke_on_issue: Mutex::new(false),
+            seen: Mutex::new(Vec::new()),
+            expected_basic: Mutex::new(None),
+            jwt_key: Mutex::new(None),
+        });
+        let st = state.clone();
+        let addr = serve(move |req| {
+            let st = st.clone();
+            async move { handle(st, req).await }
+        })
+        .await;
+        MockIdp { addr, state }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// Token requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.state.valid.lock().unwrap().contains(token)
+    }
+
+    /// Every token issued so far stops working.
+    pub fn revoke_all(&self) {
+        self.state.valid.lock().unwrap().clear();
+    }
+
+    pub fn set_expires_in(&self, v: Option<serde_json::Value>) {
+        *self.state.expires_in.lock().unwrap() = v;
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+
+    pub fn fail_with(&self, f: Option<Failure>) {
+        *self.state.failure.lock().unwrap() = f;
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn current_refresh_tokens(&self) -> Vec<String> {
+        self.state
+            .refresh_tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn set_refresh_tokens(&self, tokens: &[&str]) {
+        *self.state.refresh_tokens.lock().unwrap() = tokens.iter().map(|s| s.to_string()).collect();
+    }
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<TestBody> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Response<TestBody> {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let seen = SeenRequest {
+        form,
+        authorization,
+    };
+    st.seen.lock().unwrap().push(seen.clone());
+
+    let delay = *st.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let failure = st.failure.lock().unwrap().clone();
+    match failure {
+        Some(Failure::Status(code, body)) => {
+            let mut r = Response::new(full(body));
+            *r.status_mut() = StatusCode::from_u16(code).unwrap();
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            return r;
+        }
+        Some(Failure::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        None => {}
+    }
+    if let Some(expected) = st.expected_basic.lock().unwrap().clone() {
+        if seen.authorization.as_deref() != Some(expected.as_str()) {
+            return json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": "invalid_client"}),
+            );
+        }
+    }
+    if let Some((key, alg)) = st.jwt_key.lock().unwrap().clone() {
+        let Some(assertion) = seen.get("client_assertion") else {
+            return json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": "invalid_client"}),
+            );
+        };
+        let mut v = jsonwebtoken::Validation::new(alg);
+        v.set_audience(&[format!("http://{}/token", "placeholder")]);
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        if jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v).is_err() {
+            return json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": "invalid_client"}),
+            );
+        }
+    }
+    let mut new_refresh = None;
+    if seen.get("grant_type") == Some("refresh_token") {
+        let presented = seen.get("refresh_token").unwrap_or_default().to_owned();
+        let mut rts = st.refresh_tokens.lock().unwrap();
+        if !rts.contains(&presented) {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "invalid_grant"}),
+            );
+        }
+        if st.rotate {
+            rts.remove(&presented);
+            let n = format!("rt-{}", st.issued.load(Ordering::SeqCst) + 1);
+            rts.insert(n.clone());
+            new_refresh = Some(n);
+        }
+    }
+    let n = st.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let token = st
+        .fixed_token
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| format!("tok-{n}"));
+    {
+        let mut valid = st.valid.lock().unwrap();
+        if *st.revoke_on_issue.lock().unwrap() {
+            valid.clear();
+        }
+        valid.insert(token.clone());
+    }
+    let mut body = serde_json::json!({"access_token": token, "token_type": "Bearer"});
+    if let Some(e) = st.expires_in.lock().unwrap().clone() {
+        body["expires_in"] = e;
+    }
+    if let Some(rt) = new_refresh {
+        body["refresh_token"] = rt.into();
+    }
+    json(StatusCode::OK, body)
+}
