@@ -165,7 +165,10 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let base = config.get_application_name().unwrap_or("authgate").to_owned();
+        let base = config
+            .get_application_name()
+            .unwrap_or("authgate")
+            .to_owned();
         let app_name = format!("{base}:{:08x}", rand::random::<u32>());
         let shared = Arc::new(Shared {
             config,
@@ -368,8 +371,7 @@ impl PostgresStore {
             }
         };
         // Client-side bound too, for a server that stops answering altogether.
-        let client = match tokio::time::timeout(shared.lock_wait + CONNECT_TIMEOUT, attempt).await
-        {
+        let client = match tokio::time::timeout(shared.lock_wait + CONNECT_TIMEOUT, attempt).await {
             Ok(result) => result?,
             Err(_) => {
                 shared.healthy.store(false, Ordering::Relaxed);
@@ -758,6 +760,8 @@ enum TlsMode {
     VerifyFull,
 }
 
+/// `Debug` is safe: `Config`'s own `Debug` redacts the password.
+#[derive(Debug)]
 struct ParsedUrl {
     config: Config,
     mode: TlsMode,
@@ -833,8 +837,7 @@ fn take_tls_params(url: &str) -> (String, Vec<(String, String)>) {
         // Key/value form: only `key=value` words without quotes are recognised,
         // which is how these two options are written in practice.
         let mut rest = String::with_capacity(url.len());
-        let mut words = url.split_inclusive(char::is_whitespace).peekable();
-        while let Some(word) = words.next() {
+        for word in url.split_inclusive(char::is_whitespace) {
             let trimmed = word.trim_end();
             match trimmed.split_once('=') {
                 Some((key, value)) if KEYS.contains(&key) && !value.starts_with('\'') => {
@@ -918,7 +921,9 @@ fn trust_roots(root_cert: Option<&str>) -> Result<rustls::RootCertStore, StoreEr
         Some(path) if path != "system" => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| StoreError::Config(format!("database TLS: sslrootcert {path}: {e}")))?;
+                .map_err(|e| {
+                    StoreError::Config(format!("database TLS: sslrootcert {path}: {e}"))
+                })?;
             roots.add_parsable_certificates(certs);
         }
         _ => {

@@ -132,8 +132,7 @@ async fn round_trip_plain_and_encrypted() {
         )
         .await
         .unwrap();
-    let (access, refresh, encrypted): (String, String, bool) =
-        (row.get(0), row.get(1), row.get(2));
+    let (access, refresh, encrypted): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
     assert!(encrypted);
     assert!(Cipher::is_sealed(&access) && Cipher::is_sealed(&refresh));
     assert!(!access.contains("secret-access") && !refresh.contains("secret-access"));
@@ -168,7 +167,11 @@ async fn refresh_lock_is_exclusive_across_replicas() {
     let b = db.store().await;
     let (events, mut order) = mpsc::unbounded_channel::<&'static str>();
 
-    let lease_a = a.lock_refresh("crm").await.unwrap().expect("postgres leases");
+    let lease_a = a
+        .lock_refresh("crm")
+        .await
+        .unwrap()
+        .expect("postgres leases");
     let (acquired_tx, mut acquired) = tokio::sync::oneshot::channel();
     let b2 = b.clone();
     let events_b = events.clone();
@@ -301,7 +304,10 @@ async fn concurrent_start_up_migrates_once() {
     let rows = db
         .admin(&a)
         .await
-        .query(&format!("SELECT version FROM \"{}_schema\"", db.prefix), &[])
+        .query(
+            &format!("SELECT version FROM \"{}_schema\"", db.prefix),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -358,7 +364,10 @@ async fn tls_modes_follow_libpq() {
     let prefer = db
         .store_with(&with_sslmode(&db.url, "prefer"), None, LOCK_WAIT)
         .await;
-    assert!(prefer.healthy(), "sslmode=prefer connects with or without TLS");
+    assert!(
+        prefer.healthy(),
+        "sslmode=prefer connects with or without TLS"
+    );
     prefer.save("crm", &token(1, "one")).await.unwrap();
     assert_eq!(prefer.load("crm").await.unwrap(), Some(token(1, "one")));
     let on_tls: bool = prefer
@@ -378,14 +387,21 @@ async fn tls_modes_follow_libpq() {
     let require = db
         .store_with(&with_sslmode(&db.url, "require"), None, LOCK_WAIT)
         .await;
-    assert_eq!(require.healthy(), on_tls, "require works iff the server has TLS");
+    assert_eq!(
+        require.healthy(),
+        on_tls,
+        "require works iff the server has TLS"
+    );
     if on_tls {
         assert_eq!(require.load("crm").await.unwrap(), Some(token(1, "one")));
         // A local server's certificate is self-signed: not in the OS roots.
         let full = db
             .store_with(&with_sslmode(&db.url, "verify-full"), None, LOCK_WAIT)
             .await;
-        assert!(!full.healthy(), "verify-full must reject an untrusted certificate");
+        assert!(
+            !full.healthy(),
+            "verify-full must reject an untrusted certificate"
+        );
         let err = full.load("crm").await.unwrap_err();
         assert!(err.to_string().contains("TLS"), "{err}");
     }
@@ -406,7 +422,10 @@ async fn unreachable_database_is_unhealthy_not_fatal() {
     assert!(store.lock_refresh("crm").await.is_err());
     assert!(!store.healthy());
     let debug = format!("{store:?}");
-    assert!(!debug.contains("hunter2pw") && !debug.contains("127.0.0.1"), "{debug}");
+    assert!(
+        !debug.contains("hunter2pw") && !debug.contains("127.0.0.1"),
+        "{debug}"
+    );
     assert!(!err.to_string().contains("hunter2pw"));
 
     let dyn_store = open(&url, "agtest_down", NO_POLL, None).await.unwrap();
@@ -416,8 +435,8 @@ async fn unreachable_database_is_unhealthy_not_fatal() {
 
 #[test]
 fn urls_keep_libpq_tls_semantics() {
-    let parsed = parse_url("postgres://u:p@db.example/x?sslmode=verify-full&connect_timeout=3")
-        .unwrap();
+    let parsed =
+        parse_url("postgres://u:p@db.example/x?sslmode=verify-full&connect_timeout=3").unwrap();
     assert_eq!(parsed.mode, TlsMode::VerifyFull);
     assert_eq!(parsed.config.get_ssl_mode(), SslMode::Require);
     assert_eq!(
@@ -431,7 +450,10 @@ fn urls_keep_libpq_tls_semantics() {
     assert_eq!(parsed.root_cert.as_deref(), Some("/etc/ca.pem"));
     let parsed = parse_url("host=db user=u sslmode=verify-ca dbname=x").unwrap();
     assert_eq!(parsed.mode, TlsMode::VerifyCa);
-    assert_eq!(parse_url("host=db sslmode=disable").unwrap().mode, TlsMode::Disable);
+    assert_eq!(
+        parse_url("host=db sslmode=disable").unwrap().mode,
+        TlsMode::Disable
+    );
     let err = parse_url("postgres://u:secretpw@db/x?sslmode=bogus").unwrap_err();
     assert!(!err.to_string().contains("secretpw"));
     let err = parse_url("postgres://u:secretpw@db/x?nonsense=1").unwrap_err();
