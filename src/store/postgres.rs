@@ -483,12 +483,18 @@ impl Shared {
             let mut retried = false;
             loop {
                 let client = self.client().await?;
-                match op(client).await {
+                match op(client.clone()).await {
                     Ok(value) => {
                         self.healthy.store(true, Ordering::Relaxed);
                         return Ok(value);
                     }
-                    Err(e) if e.is_closed() && !retried => retried = true,
+                    Err(e) if connection_lost(&e) || client.is_closed() => {
+                        self.forget(&client).await;
+                        if retried {
+                            return Err(self.failed(what, &e));
+                        }
+                        retried = true;
+                    }
                     Err(e) => return Err(self.failed(what, &e)),
                 }
             }
@@ -503,6 +509,15 @@ impl Shared {
                     "{what}: no answer from PostgreSQL within {OP_TIMEOUT:?}"
                 )))
             }
+        }
+    }
+
+    /// Drops `client` from the slot (if still there) so the next call reconnects,
+    /// even before its driver task has noticed the connection is gone.
+    async fn forget(&self, client: &Arc<Client>) {
+        let mut slot = self.query.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *slot = None;
         }
     }
 
@@ -727,6 +742,15 @@ async fn poll(
         }
     }
     Ok(())
+}
+
+/// Whether `e` means the session is gone (rather than the statement failed): a
+/// closed socket, or the server ending the session (restart, failover,
+/// `pg_terminate_backend`) — SQLSTATE class 57P and class 08.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08"))
 }
 
 /// An error and its causes on one line (`tokio_postgres::Error`'s `Display` alone
