@@ -706,10 +706,10 @@ async fn listen_session(
         .map_err(|e| shared.failed("LISTEN", &e))?;
     *established = true;
     shared.healthy.store(true, Ordering::Relaxed);
-    shared.listening.send_modify(|n| *n += 1);
-
     // Changes made while nobody listened show only in a re-read.
     poll(shared, &client, known).await?;
+    // Counted once caught up: from here on every change arrives as a notification.
+    shared.listening.send_modify(|n| *n += 1);
     let start = tokio::time::Instant::now() + shared.poll_interval;
     let mut ticks = tokio::time::interval_at(start, shared.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -51,16 +51,35 @@ impl Db {
     async fn admin(&self, store: &PostgresStore) -> Client {
         store.shared.connect("test-admin").await.unwrap().0
     }
+}
 
-    async fn drop_tables(&self, store: &PostgresStore) {
-        self.admin(store)
-            .await
-            .batch_execute(&format!(
-                "DROP TABLE IF EXISTS \"{p}_tokens\", \"{p}_schema\"",
-                p = self.prefix
-            ))
-            .await
-            .unwrap();
+/// Drops the tables even when the test failed half-way: on its own thread and
+/// runtime, since `Drop` cannot await.
+impl Drop for Db {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let store =
+                    PostgresStore::start(&Secret::new(url), &prefix, NO_POLL, None, LOCK_WAIT)
+                        .await
+                        .unwrap();
+                let (client, _) = store.shared.connect("test-cleanup").await.unwrap();
+                client
+                    .batch_execute(&format!(
+                        "DROP TABLE IF EXISTS \"{prefix}_tokens\", \"{prefix}_schema\""
+                    ))
+                    .await
+                    .unwrap();
+            });
+        });
+        if cleanup.join().is_err() {
+            eprintln!("could not drop the test tables of {}", self.prefix);
+        }
     }
 }
 
@@ -138,8 +157,6 @@ async fn round_trip_plain_and_encrypted() {
     assert!(!access.contains("secret-access") && !refresh.contains("secret-access"));
     let err = plain.load("erp").await.unwrap_err();
     assert!(matches!(err, StoreError::Crypto(_)), "{err}");
-
-    db.drop_tables(&plain).await;
 }
 
 #[tokio::test]
@@ -156,8 +173,6 @@ async fn generation_never_goes_backwards() {
     assert_eq!(a.load("crm").await.unwrap(), Some(token(5, "five-bis")));
     a.save("crm", &token(6, "six")).await.unwrap();
     assert_eq!(b.load("crm").await.unwrap(), Some(token(6, "six")));
-
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -212,8 +227,6 @@ async fn refresh_lock_is_exclusive_across_replicas() {
     assert!(!again.is_finished());
     drop(lease_b);
     drop(tokio::time::timeout(WAIT, again).await.unwrap().unwrap());
-
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -229,7 +242,6 @@ async fn refresh_lock_wait_is_bounded() {
     assert!(err.to_string().contains("still held"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(b.healthy(), "a busy lock is not a failing database");
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -262,8 +274,6 @@ async fn save_on_one_replica_notifies_the_other() {
             .is_err(),
         "no notification for a save that changed nothing"
     );
-
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -293,7 +303,6 @@ async fn poll_catches_changes_without_notifications() {
         .unwrap();
     let name = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
     assert_eq!(name.unwrap(), "crm");
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -317,7 +326,6 @@ async fn concurrent_start_up_migrates_once() {
     // A restart over the existing schema is a no-op.
     let d = db.store().await;
     assert!(d.healthy());
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -354,8 +362,6 @@ async fn connections_recover_after_being_killed() {
     b.save("crm", &token(2, "two")).await.unwrap();
     assert_eq!(a.load("crm").await.unwrap(), Some(token(2, "two")));
     assert!(b.healthy());
-
-    db.drop_tables(&a).await;
 }
 
 #[tokio::test]
@@ -405,7 +411,6 @@ async fn tls_modes_follow_libpq() {
         let err = full.load("crm").await.unwrap_err();
         assert!(err.to_string().contains("TLS"), "{err}");
     }
-    db.drop_tables(&prefer).await;
 }
 
 #[tokio::test]
