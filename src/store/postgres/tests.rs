@@ -475,3 +475,62 @@ fn table_prefix_must_be_an_identifier() {
         assert!(Names::new(bad).is_err(), "{bad:?}");
     }
 }
+
+/// A server without TLS, simulated: a relay to the real server that answers the
+/// client's SSLRequest with 'N' (as a server with `ssl = off` does).
+async fn no_tls_relay(target: (String, u16)) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 8];
+                inbound.read_exact(&mut first).await?;
+                let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+                let mut outbound = tokio::net::TcpStream::connect(target).await?;
+                if first == ssl_request {
+                    inbound.write_all(b"N").await?;
+                } else {
+                    outbound.write_all(&first).await?;
+                }
+                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn prefer_falls_back_to_plaintext_when_the_server_has_no_tls() {
+    let Some(db) = Db::new() else { return };
+    let config = parse_url(&db.url).unwrap().config;
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        #[allow(unreachable_patterns)]
+        _ => return eprintln!("skipped: test database is not on TCP"),
+    };
+    let port = no_tls_relay((host, config.get_ports().first().copied().unwrap_or(5432))).await;
+    let mut url = format!(
+        "host=127.0.0.1 port={port} user={} dbname={}",
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("postgres")
+    );
+    if let Some(password) = config.get_password() {
+        url.push_str(&format!(" password={}", String::from_utf8_lossy(password)));
+    }
+
+    let prefer = db
+        .store_with(&format!("{url} sslmode=prefer"), None, LOCK_WAIT)
+        .await;
+    assert!(prefer.healthy(), "prefer falls back to plaintext");
+    prefer.save("crm", &token(1, "one")).await.unwrap();
+    assert_eq!(prefer.load("crm").await.unwrap(), Some(token(1, "one")));
+
+    let require = db
+        .store_with(&format!("{url} sslmode=require"), None, LOCK_WAIT)
+        .await;
+    assert!(!require.healthy(), "require never falls back");
+}
