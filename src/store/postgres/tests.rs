@@ -478,12 +478,16 @@ fn table_prefix_must_be_an_identifier() {
 
 /// A server without TLS, simulated: a relay to the real server that answers the
 /// client's SSLRequest with 'N' (as a server with `ssl = off` does).
-async fn no_tls_relay(target: (String, u16)) -> u16 {
+/// While `up` is false it drops new connections at once, like a database that is down.
+async fn no_tls_relay(target: (String, u16), up: Arc<AtomicBool>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
+            if !up.load(Ordering::SeqCst) {
+                continue;
+            }
             let target = target.clone();
             tokio::spawn(async move {
                 let mut first = [0u8; 8];
@@ -503,16 +507,19 @@ async fn no_tls_relay(target: (String, u16)) -> u16 {
     port
 }
 
-#[tokio::test]
-async fn prefer_falls_back_to_plaintext_when_the_server_has_no_tls() {
-    let Some(db) = Db::new() else { return };
+/// A key/value URL to the test database through a fresh relay.
+async fn relayed_url(db: &Db, up: Arc<AtomicBool>) -> Option<String> {
     let config = parse_url(&db.url).unwrap().config;
     let host = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(host) => host.clone(),
         #[allow(unreachable_patterns)]
-        _ => return eprintln!("skipped: test database is not on TCP"),
+        _ => {
+            eprintln!("skipped: test database is not on TCP");
+            return None;
+        }
     };
-    let port = no_tls_relay((host, config.get_ports().first().copied().unwrap_or(5432))).await;
+    let target = (host, config.get_ports().first().copied().unwrap_or(5432));
+    let port = no_tls_relay(target, up).await;
     let mut url = format!(
         "host=127.0.0.1 port={port} user={} dbname={}",
         config.get_user().unwrap_or("postgres"),
@@ -521,7 +528,15 @@ async fn prefer_falls_back_to_plaintext_when_the_server_has_no_tls() {
     if let Some(password) = config.get_password() {
         url.push_str(&format!(" password={}", String::from_utf8_lossy(password)));
     }
+    Some(url)
+}
 
+#[tokio::test]
+async fn prefer_falls_back_to_plaintext_when_the_server_has_no_tls() {
+    let Some(db) = Db::new() else { return };
+    let Some(url) = relayed_url(&db, Arc::new(AtomicBool::new(true))).await else {
+        return;
+    };
     let prefer = db
         .store_with(&format!("{url} sslmode=prefer"), None, LOCK_WAIT)
         .await;
@@ -533,4 +548,53 @@ async fn prefer_falls_back_to_plaintext_when_the_server_has_no_tls() {
         .store_with(&format!("{url} sslmode=require"), None, LOCK_WAIT)
         .await;
     assert!(!require.healthy(), "require never falls back");
+}
+
+#[tokio::test]
+async fn health_follows_an_outage_and_recovery() {
+    let Some(db) = Db::new() else { return };
+    let up = Arc::new(AtomicBool::new(true));
+    let Some(url) = relayed_url(&db, up.clone()).await else {
+        return;
+    };
+    let a = db.store().await;
+    let b = db
+        .store_with(&format!("{url} sslmode=disable"), None, LOCK_WAIT)
+        .await;
+    let sessions = listening_above(&b, 0).await;
+    assert!(b.healthy());
+
+    // Outage: new connections fail and B's open sessions are cut.
+    up.store(false, Ordering::SeqCst);
+    db.admin(&a)
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1",
+            &[&format!(
+                "{}%",
+                b.application_name("").trim_end_matches(':')
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(b.save("crm", &token(1, "one")).await.is_err());
+    assert!(
+        !b.healthy(),
+        "store failing while the database is unreachable"
+    );
+    // Meanwhile another replica writes a token B has not seen.
+    a.save("crm", &token(2, "two")).await.unwrap();
+
+    // Recovery: the listener reconnects, catches up, and health returns.
+    let mut events = b.subscribe().unwrap();
+    up.store(true, Ordering::SeqCst);
+    listening_above(&b, sessions).await;
+    assert!(b.healthy());
+    let name = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
+    assert_eq!(
+        name.unwrap(),
+        "crm",
+        "the re-read after reconnect reports the change"
+    );
+    assert_eq!(b.load("crm").await.unwrap(), Some(token(2, "two")));
 }
