@@ -143,6 +143,12 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }
+
+    /// Whether the store's backend answered its last call. `false` shows as
+    /// `"store": "failing"`: durability is degraded, serving is not.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// Holds a fleet-wide refresh lock; releases it when dropped.
