@@ -118,8 +118,10 @@ impl StoreHandle {
         })
     }
 
+    /// Whether durability is degraded: the last write failed, or the backend
+    /// (fleet database) is unreachable.
     pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
+        self.failing.load(Ordering::Relaxed) || !self.store.healthy()
     }
 
     /// Records an outcome; logs only when the state changes (not per attempt).
