@@ -28,9 +28,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Long enough to stop a refresh storm against an API that rejects every token,
-/// short enough that a token revoked a moment after start-up is replaced at once.
-pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// The base spacing of 401-driven refreshes. Short, so a token revoked a moment
+/// after start-up is replaced at once; storms are stopped by doubling it each time
+/// a refresh proves useless (the replay is rejected too), see `token::Provider`.
+pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A checked configuration: everything the gateway needs, nothing left to parse.
 #[derive(Debug, Clone, PartialEq)]

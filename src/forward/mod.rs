@@ -292,6 +292,12 @@ async fn proxy(
                 }
             }
         }
+        (Some(provider), Some(_)) => {
+            if resp.status().is_success() {
+                provider.token_accepted();
+            }
+            resp
+        }
         _ => resp,
     };
 

@@ -191,6 +191,11 @@ pub struct Provider {
     fingerprint: String,
     refreshes_ok: AtomicU64,
     refreshes_failed: AtomicU64,
+    /// How many refreshes in a row the upstream rejected too (replay got 401):
+    /// each one doubles the spacing of 401-driven refreshes.
+    useless_streak: AtomicU64,
+    /// The generation last counted in `useless_streak` (counted once each).
+    useless_generation: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -255,6 +260,8 @@ impl Provider {
             wake: Notify::new(),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
+            useless_streak: AtomicU64::new(0),
+            useless_generation: AtomicU64::new(0),
             shutdown: deps.shutdown,
             cfg,
         });
@@ -412,6 +419,37 @@ impl Provider {
             Ok(t) => newer(&t),
             Err(_) => None,
         }
+    }
+
+    /// The upstream rejected a replay made with `generation`: the refresh did not
+    /// help (the API rejects every token), so 401s wait longer before the next one.
+    pub fn replay_rejected(&self, generation: u64) {
+        if self.useless_generation.swap(generation, Ordering::Relaxed) != generation {
+            self.useless_streak.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The upstream accepted a token: 401-driven refreshes are back to normal
+    /// spacing. A relaxed load per request; a store only after a streak.
+    pub fn token_accepted(&self) {
+        if self.useless_streak.load(Ordering::Relaxed) != 0 {
+            self.useless_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// `min_refresh_interval`, doubled for each useless refresh in a row, capped at
+    /// ten minutes (or the configured interval, if larger).
+    fn refresh_spacing(&self) -> Duration {
+        let base = self.cfg.min_refresh_interval;
+        let streak = self.useless_streak.load(Ordering::Relaxed).min(16) as u32;
+        if streak == 0 {
+            return base;
+        }
+        // Even with `min_refresh_interval = "0s"`, useless refreshes back off.
+        let floor = base.max(crate::config::DEFAULT_MIN_REFRESH_INTERVAL);
+        floor
+            .saturating_mul(1 << streak)
+            .min(base.max(Duration::from_secs(600)))
     }
 
     /// Asks for a refresh now (admin or CLI); returns its outcome.
