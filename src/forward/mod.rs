@@ -263,13 +263,12 @@ async fn proxy(
                                 data,
                             );
                             let resp = send(route, replay, deadline).await?;
-                            route
-                                .metrics
-                                .replay(if resp.status() == StatusCode::UNAUTHORIZED {
-                                    ReplayOutcome::Unauthorized
-                                } else {
-                                    ReplayOutcome::Ok
-                                });
+                            if resp.status() == StatusCode::UNAUTHORIZED {
+                                provider.replay_rejected(fresh.generation);
+                                route.metrics.replay(ReplayOutcome::Unauthorized);
+                            } else {
+                                route.metrics.replay(ReplayOutcome::Ok);
+                            }
                             resp
                         }
                         None => {

@@ -406,7 +406,7 @@ impl Provider {
                     }
                     let recent = st
                         .last_start
-                        .is_some_and(|t| t.elapsed() < self.cfg.min_refresh_interval);
+                        .is_some_and(|t| t.elapsed() < self.refresh_spacing());
                     if recent {
                         return None;
                     }

@@ -423,7 +423,10 @@ fn clamp_lifetime(secs: f64) -> Duration {
     if !secs.is_finite() || secs < 1.0 {
         return Duration::from_secs(1);
     }
-    Duration::from_secs_f64(secs).min(MAX_LIFETIME)
+    if secs >= MAX_LIFETIME.as_secs_f64() {
+        return MAX_LIFETIME;
+    }
+    Duration::from_secs_f64(secs)
 }
 
 /// IdP-provided text shown in logs: printable ASCII, bounded.

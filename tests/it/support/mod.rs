@@ -10,7 +10,7 @@ pub mod gateway;
 pub mod idp;
 pub mod upstream;
 
-pub use client::{Client, Reply};
+pub use client::Client;
 pub use gateway::TestGateway;
 pub use idp::MockIdp;
 pub use upstream::MockUpstream;
