@@ -32,6 +32,8 @@ enum Command {
     Run,
     /// Validate the config and print the routes; exit 0 when valid, 2 when not
     Check,
+    /// Start a demo IdP, API and gateway on loopback and show a token's life
+    Demo,
     /// Obtain a token once through PROVIDER and print its metadata
     Token {
         provider: String,
@@ -62,6 +64,17 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(cli.command, Some(Command::Demo)) {
+        return with_default_runtime(async {
+            match authgate::demo::run().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        });
+    }
     let path = config::resolve_path(cli.config.clone());
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -73,8 +86,22 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&config),
         Command::Run => with_runtime(&config, run(config.clone(), path)),
+        Command::Demo => ExitCode::SUCCESS,
         Command::Token { provider, reveal } => {
             with_runtime(&config, token(config.clone(), provider, reveal))
+        }
+    }
+}
+
+fn with_default_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::from(1)
         }
     }
 }
