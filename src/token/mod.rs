@@ -191,6 +191,11 @@ pub struct Provider {
     fingerprint: String,
     refreshes_ok: AtomicU64,
     refreshes_failed: AtomicU64,
+    /// Highest generation handed to `persist`. A retried save of an older token
+    /// checks it under `save_lock`, so it can never overwrite a newer record (for
+    /// `refresh_token`, that would put a spent refresh token back on disk).
+    latest_save: AtomicU64,
+    save_lock: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -255,6 +260,8 @@ impl Provider {
             wake: Notify::new(),
             refreshes_ok: AtomicU64::new(0),
             refreshes_failed: AtomicU64::new(0),
+            latest_save: AtomicU64::new(0),
+            save_lock: tokio::sync::Mutex::new(()),
             shutdown: deps.shutdown,
             cfg,
         });
@@ -567,10 +574,10 @@ impl Provider {
     async fn adopt_stored(self: &Arc<Self>, startup: bool) -> Option<Arc<Token>> {
         let stored =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-                Ok(Ok(s)) => {
-                    self.store.record(&Ok(()));
-                    s?
-                }
+                // A successful read says nothing about a write still being retried
+                // (a rotated refresh token not yet on disk): it must not clear the
+                // failing state, only a successful save does.
+                Ok(Ok(s)) => s?,
                 Ok(Err(e)) => {
                     self.store.record(&Err(e.to_string()));
                     return None;
@@ -705,6 +712,8 @@ impl Provider {
     /// Writes the token to the store; on failure keeps retrying in the background
     /// (with backoff) until it lands or a newer token supersedes it.
     async fn persist(self: &Arc<Self>, stored: StoredToken) {
+        self.latest_save
+            .fetch_max(stored.generation, Ordering::SeqCst);
         if self.try_save(&stored).await {
             return;
         }
@@ -716,12 +725,6 @@ impl Provider {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
                     _ = this.shutdown.cancelled() => return,
                 }
-                if this
-                    .current()
-                    .is_some_and(|t| t.generation > stored.generation)
-                {
-                    return;
-                }
                 if this.try_save(&stored).await {
                     return;
                 }
@@ -730,7 +733,13 @@ impl Provider {
         });
     }
 
+    /// Saves `stored` unless a newer token was handed to `persist` meanwhile (then
+    /// there is nothing left to do: true).
     async fn try_save(&self, stored: &StoredToken) -> bool {
+        let _saving = self.save_lock.lock().await;
+        if self.latest_save.load(Ordering::SeqCst) > stored.generation {
+            return true;
+        }
         let res =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored))
                 .await
