@@ -82,7 +82,7 @@ impl RouteTable {
             .enumerate()
             .map(|(i, p)| (p.to_owned(), i))
             .collect();
-        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0.len()));
         Self { entries }
     }
 
@@ -126,12 +126,12 @@ mod tests {
     use super::*;
 
     fn table() -> RouteTable {
-        RouteTable::new(["/crm", "/crm/v2", "/erp", "/"].into_iter())
+        RouteTable::new(["/crm", "/crm/v2", "/erp", "/"])
     }
 
     #[test]
     fn longest_whole_segment_prefix_wins() {
-        let t = RouteTable::new(["/crm", "/crm/v2", "/erp"].into_iter());
+        let t = RouteTable::new(["/crm", "/crm/v2", "/erp"]);
         assert_eq!(t.find("/crm"), Some((0, "")));
         assert_eq!(t.find("/crm/"), Some((0, "/")));
         assert_eq!(t.find("/crm/x"), Some((0, "/x")));
