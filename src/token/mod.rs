@@ -593,14 +593,19 @@ impl Provider {
             }
             return None;
         }
+        let current_gen = self.current().map_or(0, |t| t.generation);
         {
             let mut st = self.state();
             st.max_generation = st.max_generation.max(stored.generation);
-            if let Some(rt) = &stored.refresh_token {
-                st.refresh_token = Some(rt.clone());
+            // An older record (our own newer write still being retried) holds a
+            // refresh token the IdP already rotated away: taking it would cost a
+            // re-consent. Only a record at least as new as ours replaces it.
+            if startup || stored.generation >= current_gen {
+                if let Some(rt) = &stored.refresh_token {
+                    st.refresh_token = Some(rt.clone());
+                }
             }
         }
-        let current_gen = self.current().map_or(0, |t| t.generation);
         if stored.generation <= current_gen && !startup {
             return None;
         }

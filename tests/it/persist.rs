@@ -454,3 +454,65 @@ provider = "crm"
     assert_eq!(idp.current_refresh_tokens(), ["rt-3"]);
     child.kill();
 }
+
+#[tokio::test]
+async fn persist_older_stored_record_never_replaces_the_newest_refresh_token() {
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    std::env::set_var("PERSIST_RT_SEED_OLD", "rt-0");
+    std::env::set_var(SECRET_ENV, "s3cret");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"[listen]
+addr = "127.0.0.1:0"
+[store]
+kind = "memory"
+
+[providers.crm]
+grant = "refresh_token"
+token_url = "{}"
+client_id = "billing"
+client_secret_env = "{SECRET_ENV}"
+refresh_token_env = "PERSIST_RT_SEED_OLD"
+min_refresh_interval = "1ms"
+
+[[routes]]
+prefix = "/crm"
+upstream = "{}"
+provider = "crm"
+"#,
+        idp.token_url(),
+        up.url()
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let app = App::start_with_store(Config::load(&path).unwrap(), store.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}/crm/x", app.addr);
+    let c = Client::new();
+    assert_eq!(c.get(&url).await.status, StatusCode::OK);
+    let mut older = store.peek("crm").expect("rotated token persisted");
+    assert_eq!(older.refresh_token.as_ref().unwrap().expose(), "rt-1");
+
+    // The store goes back to a record older than the provider's token (as when our
+    // newer write is still being retried, or another replica lags), and the
+    // provider is told the store changed.
+    older.generation = 0;
+    older.refresh_token = Some(authgate::secret::Secret::new("rt-0"));
+    store.insert("crm", older);
+    let provider = app.gateway.snapshot().providers["crm"].clone();
+    provider.on_store_change().await;
+
+    // The next refresh still presents the newest refresh token.
+    idp.revoke_all();
+    assert_eq!(c.get(&url).await.status, StatusCode::OK);
+    let presented: Vec<String> = idp
+        .seen()
+        .iter()
+        .filter_map(|s| s.get("refresh_token").map(str::to_owned))
+        .collect();
+    assert_eq!(presented, ["rt-0", "rt-1"]);
+    app.shutdown().await;
+}
