@@ -171,6 +171,26 @@ async fn persist_unusable_store_folder_keeps_serving_and_shows_failing() {
     assert_eq!(ready.json()["store"], "failing");
     let status = c.get(&gw.admin_url("/status")).await.json();
     assert_eq!(status["store"]["state"], "failing", "{status}");
+    // The background write of the token fails against the stand-in store; the
+    // counter shows it (the write may still be on its way when we first look).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = c.get(&gw.admin_url("/metrics")).await.text();
+        let errors = metrics
+            .lines()
+            .find(|l| l.starts_with("authgate_store_errors_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if errors >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no store error counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gw.stop().await;
 }
 
