@@ -452,12 +452,14 @@ impl Provider {
         st.last_start = Some(Instant::now());
         let this = self.clone();
         tokio::spawn(async move {
+            let mut guard = FlightGuard(Some(this.clone()));
             let started = Instant::now();
             let outcome = this.obtain(trigger).await;
             this.finish(trigger, started, &outcome);
             // Clear the flight before publishing the outcome: a waiter that wakes
             // and immediately needs another refresh must be able to start one.
             this.state().flight = None;
+            guard.0 = None;
             let _ = tx.send(Some(outcome));
         });
         rx
@@ -918,6 +920,29 @@ pub struct ProviderStatus {
     pub last_refresh: Option<LastRefresh>,
     pub refreshes_ok: u64,
     pub refreshes_failed: u64,
+}
+
+/// Ends a refresh flight whose task unwound (a panic) instead of finishing: a flight
+/// left set would make every later request wait on a refresh that never comes and
+/// stop the background refresher for good.
+struct FlightGuard(Option<Arc<Provider>>);
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            {
+                let mut st = p.state();
+                st.flight = None;
+                st.failures = st.failures.saturating_add(1);
+                st.retry_at = Some(Instant::now() + backoff(st.failures, 1, 60));
+            }
+            // A runtime shutting down drops the task too: nothing to report then.
+            if !p.shutdown.is_cancelled() {
+                tracing::error!(provider = %p.name, "token refresh task ended abnormally");
+            }
+            p.wake.notify_one();
+        }
+    }
 }
 
 async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>, wait: Duration) -> Outcome {
