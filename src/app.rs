@@ -62,9 +62,19 @@ pub struct App {
 
 impl App {
     pub async fn start(config: Config) -> Result<App, StartError> {
+        let store = open_store(&config).await?;
+        Self::start_with_store(config, store).await
+    }
+
+    /// Starts with a store built by the caller instead of `config.store`: lets tests
+    /// hold the store (e.g. a `MemoryStore` and its load/save counters) while the
+    /// gateway runs.
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<App, StartError> {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
-        let store = open_store(&config).await?;
         let store = StoreHandle::new(store, metrics.clone());
         let (audit, audit_task) = match &config.audit {
             Some(a) => {

@@ -79,6 +79,13 @@ impl TokenStore for MemoryStore {
         })
     }
 
+    /// Failing while `set_failing(true)`: the stand-in for an unusable file store
+    /// (`app::open_store`) must show as failing from the start, not only after the
+    /// first write attempt.
+    fn healthy(&self) -> bool {
+        !self.fail_saves.load(Ordering::Relaxed)
+    }
+
     fn save<'a>(&'a self, provider: &'a str, token: &'a StoredToken) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if self.fail_saves.load(Ordering::Relaxed) {

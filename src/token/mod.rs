@@ -196,6 +196,11 @@ pub struct Provider {
     useless_streak: AtomicU64,
     /// The generation last counted in `useless_streak` (counted once each).
     useless_generation: AtomicU64,
+    /// Highest generation handed to `persist`. A retried save of an older token
+    /// checks it under `save_lock`, so it can never overwrite a newer record (for
+    /// `refresh_token`, that would put a spent refresh token back on disk).
+    latest_save: AtomicU64,
+    save_lock: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -262,6 +267,8 @@ impl Provider {
             refreshes_failed: AtomicU64::new(0),
             useless_streak: AtomicU64::new(0),
             useless_generation: AtomicU64::new(0),
+            latest_save: AtomicU64::new(0),
+            save_lock: tokio::sync::Mutex::new(()),
             shutdown: deps.shutdown,
             cfg,
         });
@@ -483,12 +490,14 @@ impl Provider {
         st.last_start = Some(Instant::now());
         let this = self.clone();
         tokio::spawn(async move {
+            let mut guard = FlightGuard(Some(this.clone()));
             let started = Instant::now();
             let outcome = this.obtain(trigger).await;
             this.finish(trigger, started, &outcome);
             // Clear the flight before publishing the outcome: a waiter that wakes
             // and immediately needs another refresh must be able to start one.
             this.state().flight = None;
+            guard.0 = None;
             let _ = tx.send(Some(outcome));
         });
         rx
@@ -605,10 +614,10 @@ impl Provider {
     async fn adopt_stored(self: &Arc<Self>, startup: bool) -> Option<Arc<Token>> {
         let stored =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-                Ok(Ok(s)) => {
-                    self.store.record(&Ok(()));
-                    s?
-                }
+                // A successful read says nothing about a write still being retried
+                // (a rotated refresh token not yet on disk): it must not clear the
+                // failing state, only a successful save does.
+                Ok(Ok(s)) => s?,
                 Ok(Err(e)) => {
                     self.store.record(&Err(e.to_string()));
                     return None;
@@ -624,14 +633,19 @@ impl Provider {
             }
             return None;
         }
+        let current_gen = self.current().map_or(0, |t| t.generation);
         {
             let mut st = self.state();
             st.max_generation = st.max_generation.max(stored.generation);
-            if let Some(rt) = &stored.refresh_token {
-                st.refresh_token = Some(rt.clone());
+            // An older record (our own newer write still being retried) holds a
+            // refresh token the IdP already rotated away: taking it would cost a
+            // re-consent. Only a record at least as new as ours replaces it.
+            if startup || stored.generation >= current_gen {
+                if let Some(rt) = &stored.refresh_token {
+                    st.refresh_token = Some(rt.clone());
+                }
             }
         }
-        let current_gen = self.current().map_or(0, |t| t.generation);
         if stored.generation <= current_gen && !startup {
             return None;
         }
@@ -743,6 +757,8 @@ impl Provider {
     /// Writes the token to the store; on failure keeps retrying in the background
     /// (with backoff) until it lands or a newer token supersedes it.
     async fn persist(self: &Arc<Self>, stored: StoredToken) {
+        self.latest_save
+            .fetch_max(stored.generation, Ordering::SeqCst);
         if self.try_save(&stored).await {
             return;
         }
@@ -754,12 +770,6 @@ impl Provider {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
                     _ = this.shutdown.cancelled() => return,
                 }
-                if this
-                    .current()
-                    .is_some_and(|t| t.generation > stored.generation)
-                {
-                    return;
-                }
                 if this.try_save(&stored).await {
                     return;
                 }
@@ -768,7 +778,13 @@ impl Provider {
         });
     }
 
+    /// Saves `stored` unless a newer token was handed to `persist` meanwhile (then
+    /// there is nothing left to do: true).
     async fn try_save(&self, stored: &StoredToken) -> bool {
+        let _saving = self.save_lock.lock().await;
+        if self.latest_save.load(Ordering::SeqCst) > stored.generation {
+            return true;
+        }
         let res =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored))
                 .await
@@ -942,6 +958,29 @@ pub struct ProviderStatus {
     pub last_refresh: Option<LastRefresh>,
     pub refreshes_ok: u64,
     pub refreshes_failed: u64,
+}
+
+/// Ends a refresh flight whose task unwound (a panic) instead of finishing: a flight
+/// left set would make every later request wait on a refresh that never comes and
+/// stop the background refresher for good.
+struct FlightGuard(Option<Arc<Provider>>);
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            {
+                let mut st = p.state();
+                st.flight = None;
+                st.failures = st.failures.saturating_add(1);
+                st.retry_at = Some(Instant::now() + backoff(st.failures, 1, 60));
+            }
+            // A runtime shutting down drops the task too: nothing to report then.
+            if !p.shutdown.is_cancelled() {
+                tracing::error!(provider = %p.name, "token refresh task ended abnormally");
+            }
+            p.wake.notify_one();
+        }
+    }
 }
 
 async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>, wait: Duration) -> Outcome {

@@ -423,10 +423,9 @@ fn clamp_lifetime(secs: f64) -> Duration {
     if !secs.is_finite() || secs < 1.0 {
         return Duration::from_secs(1);
     }
-    if secs >= MAX_LIFETIME.as_secs_f64() {
-        return MAX_LIFETIME;
-    }
-    Duration::from_secs_f64(secs)
+    // Clamp before converting: `from_secs_f64` panics on values past `Duration::MAX`
+    // (an IdP answering `1e30` would otherwise kill the refresh task).
+    Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64()))
 }
 
 /// IdP-provided text shown in logs: printable ASCII, bounded.
