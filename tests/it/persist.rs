@@ -464,10 +464,8 @@ provider = "crm"
     idp.revoke_all();
     let before = idp.requests();
     let mut child = Child::spawn(&config, &log);
-    assert_eq!(
-        first_answer(port, &url, &mut child, &log).await,
-        StatusCode::OK
-    );
+    let status = first_answer(port, &url, &mut child, &log).await;
+    assert_eq!(status, StatusCode::OK, "{}", file_text(&log));
     let seen = idp.seen();
     let presented: Vec<&str> = seen.iter().filter_map(|s| s.get("refresh_token")).collect();
     assert_eq!(presented, ["rt-0", "rt-1", "rt-2"], "after {before}");

@@ -1,7 +1,7 @@
 //! A mock OAuth token endpoint that counts requests and can expire, revoke,
 //! delay, fail and rotate. Tokens are `tok-<n>`; the upstream asks `is_valid`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,8 @@ impl SeenRequest {
 pub struct IdpState {
     pub requests: AtomicU64,
     issued: AtomicU64,
-    valid: Mutex<HashSet<String>>,
+    /// Valid tokens and when each expires (from `expires_in`, if numeric).
+    valid: Mutex<HashMap<String, Option<std::time::Instant>>>,
     pub expires_in: Mutex<Option<serde_json::Value>>,
     pub delay: Mutex<Duration>,
     pub failure: Mutex<Option<Failure>>,
@@ -70,7 +71,7 @@ impl MockIdp {
         let state = Arc::new(IdpState {
             requests: AtomicU64::new(0),
             issued: AtomicU64::new(0),
-            valid: Mutex::new(HashSet::new()),
+            valid: Mutex::new(HashMap::new()),
             expires_in: Mutex::new(Some(serde_json::json!(3600))),
             delay: Mutex::new(Duration::ZERO),
             failure: Mutex::new(None),
@@ -100,8 +101,13 @@ impl MockIdp {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Issued, not revoked, not expired.
     pub fn is_valid(&self, token: &str) -> bool {
-        self.state.valid.lock().unwrap().contains(token)
+        match self.state.valid.lock().unwrap().get(token) {
+            Some(Some(exp)) => std::time::Instant::now() < *exp,
+            Some(None) => true,
+            None => false,
+        }
     }
 
     /// Every token issued so far stops working.
@@ -236,15 +242,20 @@ async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Respo
         .unwrap()
         .clone()
         .unwrap_or_else(|| format!("tok-{n}"));
+    let expires_in = st.expires_in.lock().unwrap().clone();
+    let lifetime = expires_in
+        .as_ref()
+        .and_then(|e| e.as_f64().or_else(|| e.as_str()?.parse().ok()));
     {
         let mut valid = st.valid.lock().unwrap();
         if *st.revoke_on_issue.lock().unwrap() {
             valid.clear();
         }
-        valid.insert(token.clone());
+        let exp = lifetime.map(|l| std::time::Instant::now() + Duration::from_secs_f64(l.max(0.0)));
+        valid.insert(token.clone(), exp);
     }
     let mut body = serde_json::json!({"access_token": token, "token_type": "Bearer"});
-    if let Some(e) = st.expires_in.lock().unwrap().clone() {
+    if let Some(e) = expires_in {
         body["expires_in"] = e;
     }
     if let Some(rt) = new_refresh {
