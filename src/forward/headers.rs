@@ -66,8 +66,16 @@ pub fn acceptable_request_id(v: &http::HeaderValue) -> bool {
 }
 
 pub fn new_request_id() -> http::HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    http::HeaderValue::from_str(&id).unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
+    // 128 random bits as 32 hex digits, formatted on the stack: the header value's
+    // own buffer is the only allocation.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n: u128 = rand::random();
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    http::HeaderValue::from_bytes(&buf)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]

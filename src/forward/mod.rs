@@ -90,9 +90,11 @@ pub async fn serve(
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
     let route = out.route.map(|i| &snap.routes[i]);
-    route
-        .map_or(&snap.unrouted.clone(), |r| &r.metrics)
-        .observe(status, elapsed);
+    match route {
+        Some(r) => &r.metrics,
+        None => &snap.unrouted,
+    }
+    .observe(status, elapsed);
     if let (Some(audit), Some((method, path))) = (&gw.audit, audit_info) {
         audit.request(RequestRecord {
             ts: SystemTime::now(),
@@ -164,7 +166,9 @@ async fn proxy(
         req.headers().get(&X_AUTHGATE_KEY),
         &conn.cert_names,
     );
-    out.caller = who.name().map(Arc::from);
+    if let Identity::Named(name) = &who {
+        out.caller = Some(name.clone());
+    }
 
     if path.starts_with("/.authgate/") {
         return broker::serve(gw, snap, &req, &who, conn, request_id);
