@@ -154,6 +154,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+echo "- load average after the run: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$INFO"
 "$PYTHON" "$BENCH_DIR/summarize.py" --csv "$CSV" --info "$INFO" --out "$RESULTS_DIR/dataplane.md"
 "$PYTHON" "$BENCH_DIR/plot.py" --csv "$PCT_CSV" --out "$RESULTS_DIR/dataplane_latency.svg"
 log "done: $RESULTS_DIR/dataplane.md"

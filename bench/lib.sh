@@ -300,6 +300,9 @@ machine_info() {
     echo "- cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo) × $NCPU"
     echo "- kernel: $(uname -r); memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "- load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+    if awk '{exit !($1 > 0.5)}' /proc/loadavg; then
+        echo "- **warning**: the machine was not idle when the run started; other work competes for the CPUs and the numbers are noisy"
+    fi
     echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'), nginx: $("$NGINX_BIN" -v 2>&1 | sed 's#.*/##'), haproxy: $("$HAPROXY_BIN" -v | head -1 | awk '{print $3}')"
     if authgate_available; then
         echo "- authgate: $AUTHGATE_BIN ($(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown))"
