@@ -65,7 +65,14 @@ install_traps() {
     local max=$1
     trap cleanup EXIT
     trap 'log "interrupted"; exit 130' INT TERM
-    ( sleep "$max"; log "watchdog: run exceeded ${max}s, stopping"; kill -TERM $$ ) &
+    (
+        # The sleep is a child of this subshell: stop it too when we are stopped.
+        trap 'kill "$sp" 2>/dev/null; exit 0' TERM
+        sleep "$max" & sp=$!
+        wait "$sp"
+        log "watchdog: run exceeded ${max}s, stopping"
+        kill -TERM $$
+    ) &
     WATCHDOG_PID=$!
 }
 
