@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Turn bench/results/dataplane.csv (one row per measurement) into a markdown
+table: medians over the rounds, and ratios against the best peer (the better of
+nginx and HAProxy for each metric separately, so authgate is compared with the
+strongest number anyone achieved, not with one tool's average)."""
+import argparse
+import csv
+import statistics
+from collections import defaultdict
+
+PEERS = ("nginx", "haproxy")
+ORDER = ("direct", "nginx", "haproxy", "authgate-static", "authgate-oauth")
+
+
+def num(v):
+    return float(v) if v not in ("", None) else None
+
+
+def med(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def ratio(v, best):
+    if v is None or not best:
+        return "–"
+    return f"{v / best:.2f}×"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--info", help="machine/parameter bullet list to include")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    rows = defaultdict(list)
+    with open(args.csv, newline="") as f:
+        for r in csv.DictReader(f):
+            rows[r["target"]].append(r)
+
+    summary = {}
+    for target, rs in rows.items():
+        summary[target] = {
+            "rounds": len(rs),
+            "rps": med(num(r["rps"]) for r in rs),
+            "rps_min": min(num(r["rps"]) for r in rs),
+            "rps_max": max(num(r["rps"]) for r in rs),
+            "p50": med(num(r["p50_us"]) for r in rs),
+            "p99": med(num(r["p99_us"]) for r in rs),
+            "p999": med(num(r["p999_us"]) for r in rs),
+            "cpu": med(num(r["cpu_us_per_req"]) for r in rs),
+            "rss": max((num(r["peak_rss_kib"]) or 0 for r in rs), default=None) or None,
+            "errors": sum(int(r["status_errors"] or 0) + int(r["socket_errors"] or 0) for r in rs),
+        }
+
+    # Best peer value per metric: max for throughput, min for the costs.
+    peers = [summary[p] for p in PEERS if p in summary]
+    best = {}
+    for key, pick in (("rps", max), ("p50", min), ("p99", min), ("p999", min), ("cpu", min), ("rss", min)):
+        vals = [p[key] for p in peers if p[key] is not None]
+        best[key] = pick(vals) if vals else None
+
+    targets = [t for t in ORDER if t in summary] + sorted(t for t in summary if t not in ORDER)
+    out = ["# Data-path benchmark", ""]
+    if args.info:
+        with open(args.info) as f:
+            out += [f.read().rstrip(), ""]
+    out += [
+        "Medians over the rounds; `×` columns are ratios against the best peer (the better of "
+        "nginx and HAProxy for that column): above 1.00× is better for req/s, below 1.00× is "
+        "better for latency, CPU and memory. CPU is the proxy's user+system time per request "
+        "(from /proc/PID/stat around the measured run); peak RSS is VmHWM of the proxy's "
+        "largest process. `direct` (no proxy) is the ceiling of this machine and load generator.",
+        "",
+        "| target | req/s | × | req/s range | p50 ms | × | p99 ms | × | p99.9 ms | × | CPU µs/req | × | peak RSS MiB | × | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in targets:
+        s = summary[t]
+        ms = lambda us: None if us is None else us / 1000  # noqa: E731
+        mib = None if s["rss"] is None else s["rss"] / 1024
+        best_mib = None if best["rss"] is None else best["rss"] / 1024
+        out.append(
+            f"| {t} | {fmt(s['rps'])} | {ratio(s['rps'], best['rps'])} "
+            f"| {fmt(s['rps_min'])}–{fmt(s['rps_max'])} "
+            f"| {fmt(ms(s['p50']), 3)} | {ratio(s['p50'], best['p50'])} "
+            f"| {fmt(ms(s['p99']), 3)} | {ratio(s['p99'], best['p99'])} "
+            f"| {fmt(ms(s['p999']), 3)} | {ratio(s['p999'], best['p999'])} "
+            f"| {fmt(s['cpu'], 1)} | {ratio(s['cpu'], best['cpu'])} "
+            f"| {fmt(mib, 1)} | {ratio(mib, best_mib)} "
+            f"| {s['errors']} |"
+        )
+    out += [
+        "",
+        "errors = non-2xx responses plus socket errors (connect/read/write/timeout) over all rounds; "
+        "any non-zero value makes that row's numbers suspect.",
+        "",
+        "Raw numbers: `dataplane.csv` (one row per measurement), `dataplane_latency.csv` "
+        "(latency percentiles); plot: `dataplane_latency.svg`.",
+        "",
+        "![latency distribution](dataplane_latency.svg)",
+        "",
+    ]
+    with open(args.out, "w") as f:
+        f.write("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
