@@ -7,3 +7,4 @@ mod config_errors;
 mod forward;
 mod persist;
 mod tokens;
+mod upstream_tls;

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod gateway;
 pub mod idp;
+pub mod pki;
 pub mod upstream;
 
 pub use client::Client;
