@@ -98,22 +98,32 @@ impl Gateway {
     /// Swaps in a new config. Providers whose settings did not change are kept
     /// (with their tokens and generations); new or changed ones start fresh.
     pub fn reload(&self, config: Config) -> Result<(), String> {
-        let old = self.snapshot();
+        let prev = self.snapshot();
         let new = build_snapshot(
             Arc::new(config),
-            Some(&old),
+            Some(&prev),
             &self.store,
             self.audit.as_ref(),
             &self.metrics,
             &self.shutdown,
         )?;
         for (name, p) in &new.providers {
-            let kept = old.providers.get(name).is_some_and(|o| Arc::ptr_eq(o, p));
+            let kept = prev.providers.get(name).is_some_and(|o| Arc::ptr_eq(o, p));
             if !kept {
                 p.start();
             }
         }
-        self.snapshot.store(Arc::new(new));
+        let old = self.snapshot.swap(Arc::new(new));
+        let current = self.snapshot();
+        for (name, p) in &old.providers {
+            if !current
+                .providers
+                .get(name)
+                .is_some_and(|n| Arc::ptr_eq(n, p))
+            {
+                p.retire();
+            }
+        }
         Ok(())
     }
 

@@ -628,8 +628,16 @@ impl Provider {
                 }
             };
         if stored.fingerprint != self.fingerprint {
+            // Same client at the same IdP, other scope/audience/resource: the
+            // access token does not fit, but the stored refresh token is still the
+            // newest one the IdP knows (the configured seed may be spent).
+            if startup && same_client(&stored.fingerprint, &self.fingerprint) {
+                if let Some(rt) = &stored.refresh_token {
+                    self.state().refresh_token = Some(rt.clone());
+                }
+            }
             if startup {
-                tracing::info!(provider = %self.name, "stored token was obtained with other provider settings; ignoring it");
+                tracing::info!(provider = %self.name, "stored token was obtained with other provider settings; not using its access token");
             }
             return None;
         }
@@ -906,6 +914,12 @@ impl Provider {
         }
     }
 
+    /// Stops the background refresher of a provider a reload replaced, so two
+    /// refreshers never rotate the same refresh token.
+    pub fn retire(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Fleet mode: another replica stored a new token; adopt it if newer.
     pub async fn on_store_change(self: &Arc<Self>) {
         let _ = self.adopt_stored(false).await;
@@ -1005,26 +1019,45 @@ fn unix_now() -> i64 {
 }
 
 /// Identifies the settings a token was obtained with; a stored token for other
-/// settings (another client, scope or IdP) is never used.
+/// settings (another client, scope or IdP) is never used. Two halves: the client
+/// (grant, token endpoint, client id), then what the token is for (scope, audience,
+/// resource), so a refresh token can outlive a scope change.
 fn fingerprint(cfg: &ProviderConfig) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(cfg.grant_kind().as_str().as_bytes());
-    if let Some(c) = cfg.oauth() {
-        for part in [
-            c.token_url.to_string().as_str(),
-            &c.client_id,
-            c.scope.as_deref().unwrap_or(""),
-            c.audience.as_deref().unwrap_or(""),
-            c.resource.as_deref().unwrap_or(""),
-        ] {
-            ctx.update(b"\0");
+    let hash = |parts: &[&str]| -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in parts {
             ctx.update(part.as_bytes());
+            ctx.update(b"\0");
         }
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let (client, purpose) = match cfg.oauth() {
+        Some(c) => (
+            hash(&[
+                cfg.grant_kind().as_str(),
+                &c.token_url.to_string(),
+                &c.client_id,
+            ]),
+            hash(&[
+                c.scope.as_deref().unwrap_or(""),
+                c.audience.as_deref().unwrap_or(""),
+                c.resource.as_deref().unwrap_or(""),
+            ]),
+        ),
+        None => (hash(&[cfg.grant_kind().as_str()]), hash(&[])),
+    };
+    format!("{client}-{purpose}")
+}
+
+/// Whether two fingerprints name the same client (their first halves match).
+fn same_client(a: &str, b: &str) -> bool {
+    match (a.split_once('-'), b.split_once('-')) {
+        (Some((x, _)), Some((y, _))) => x == y,
+        _ => false,
     }
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
