@@ -540,3 +540,61 @@ async fn token_command_prints_metadata_and_hides_the_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_client"));
     let _ = Arc::new(());
 }
+
+#[tokio::test]
+async fn the_current_token_serves_until_it_really_expires_while_the_idp_is_down() {
+    let idp = MockIdp::start().await;
+    idp.set_expires_in(Some(serde_json::json!(2)));
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
+    gw.ready().await;
+    idp.fail_with(Some(Failure::Status(500, "{}".into())));
+    let c = Client::new();
+    let expires = std::time::Instant::now() + Duration::from_secs(2);
+    // Proactive refreshes fail from the 1 s mark on; the token still serves.
+    while std::time::Instant::now() + Duration::from_millis(300) < expires {
+        assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while std::time::Instant::now() < expires + Duration::from_millis(100) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = c.get(&gw.url("/crm/x")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"], "token_unavailable");
+    assert!(idp.requests() <= 4, "backoff, not a loop: {}", idp.requests());
+}
+
+#[tokio::test]
+async fn retry_after_from_the_idp_is_honoured() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    // A 429 with retry-after: 7 (the mock sends the status; the header comes from
+    // the body-less path below).
+    idp.fail_with(Some(Failure::Status(429, r#"{"error":"slow_down"}"#.into())));
+    let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
+    let r = Client::new().get(&gw.url("/crm/x")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let status = gw.provider("crm").status();
+    assert_eq!(status.last_refresh.as_ref().unwrap().error.as_deref(), Some("slow_down"));
+    assert_eq!(idp.requests(), 1);
+}
+
+#[tokio::test]
+async fn invalid_client_is_reported_and_not_hammered() {
+    let idp = MockIdp::start().await;
+    idp.fail_with(Some(Failure::Status(401, r#"{"error":"invalid_client","error_description":"bad secret"}"#.into())));
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
+    let c = Client::new();
+    for _ in 0..100 {
+        let r = c.get(&gw.url("/crm/x")).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.json()["message"].as_str().unwrap().contains("invalid_client"));
+        let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!(ra >= 10, "slow retry for a client error: retry-after {ra}");
+    }
+    assert_eq!(idp.requests(), 1);
+    let st = gw.provider("crm").status();
+    assert_eq!(st.last_refresh.unwrap().error.as_deref(), Some("invalid_client"));
+}
