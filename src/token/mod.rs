@@ -101,6 +101,18 @@ impl Trigger {
     }
 }
 
+/// Why the stored token is being read: what it must be to be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adopt {
+    /// First token at start-up: anything valid beyond the refresh margin.
+    Startup,
+    /// Under the fleet lease, instead of asking the IdP: must supersede ours and
+    /// be valid beyond the refresh margin.
+    Leased,
+    /// Another replica's refresh: must supersede ours and be valid.
+    Notified,
+}
+
 /// Shared by every provider: where tokens are persisted and how health shows.
 #[derive(Debug)]
 pub struct StoreHandle {
@@ -552,19 +564,98 @@ impl Provider {
         };
         let first = !std::mem::replace(&mut self.state().store_checked, true);
         if first || lease.is_some() {
-            if let Some(t) = self.adopt_stored(first).await {
+            let why = if first { Adopt::Startup } else { Adopt::Leased };
+            if let Some(t) = self.adopt_stored(why).await {
                 return Ok(t);
             }
         }
-        let result = self.fetch(trigger).await;
+        // Holding the fleet lease, the new token must be in the store before the
+        // lease goes: the next replica to take it re-reads the store and would
+        // otherwise ask the IdP again.
+        let result = self.fetch(trigger, lease.is_some()).await;
         drop(lease);
         result
     }
 
-    /// Publishes the stored token if it is newer than ours and valid for longer
-    /// than the refresh margin. Also takes the stored refresh token (the newest one
-    /// always wins over the configured seed).
-    async fn adopt_stored(self: &Arc<Self>, startup: bool) -> Option<Arc<Token>> {
+    /// Publishes the stored token when it supersedes ours: a newer generation, or the
+    /// same generation with another token (two replicas that refreshed while the
+    /// database was down converge on the stored row). Also takes the stored refresh
+    /// token (the newest one always wins over the configured seed).
+    async fn adopt_stored(self: &Arc<Self>, why: Adopt) -> Option<Arc<Token>> {
+        let stored = self.load_stored(why == Adopt::Startup).await?;
+        {
+            let mut st = self.state();
+            st.max_generation = st.max_generation.max(stored.generation);
+            if let Some(rt) = &stored.refresh_token {
+                st.refresh_token = Some(rt.clone());
+            }
+        }
+        let supersedes = |held: Option<&Token>| match held {
+            None => true,
+            Some(c) => {
+                stored.generation > c.generation
+                    || (stored.generation == c.generation
+                        && (stored.access_token != c.access_token || why == Adopt::Startup))
+            }
+        };
+        if !supersedes(self.current().as_deref()) {
+            return None;
+        }
+        let now_wall = unix_now();
+        let remaining = match stored.expires_at_unix {
+            Some(exp) if exp <= now_wall => return None,
+            Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
+            None => None,
+        };
+        let lifetime = stored
+            .expires_at_unix
+            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
+        // Instead of a fetch (start-up, or under the fleet lease), a token about to
+        // need refreshing is not worth taking: fetch now. A notified token is taken
+        // whenever it is still valid: ours is older and may already be revoked.
+        if why != Adopt::Notified {
+            if let (Some(rem), Some(life)) = (remaining, lifetime) {
+                if rem <= self.margin(life) {
+                    return None;
+                }
+            }
+        }
+        let token = self
+            .make_token(
+                stored.access_token.clone(),
+                remaining,
+                stored.scope.clone(),
+                stored.generation,
+            )
+            .ok()?;
+        let token = Arc::new(Token { lifetime, ..token });
+        if !self.publish(&token, |held| supersedes(held)) {
+            return None;
+        }
+        self.metrics
+            .set_expiry(token.expires_in(Instant::now()).map(|d| d.as_secs_f64()));
+        // The refresher sleeps until the old token's refresh time; it must re-plan
+        // for this one, or it would refresh early and ask the IdP for nothing.
+        self.wake.notify_one();
+        tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
+        Some(token)
+    }
+
+    /// Stores `token` in the cell when `replaces` accepts the token held then. Under
+    /// the state lock, so a refresh and an adoption landing together can never put
+    /// an older generation back.
+    fn publish(&self, token: &Arc<Token>, replaces: impl FnOnce(Option<&Token>) -> bool) -> bool {
+        let _st = self.state();
+        let held = self.cell.load();
+        if !replaces(held.as_deref()) {
+            return false;
+        }
+        self.cell.store(Some(token.clone()));
+        true
+    }
+
+    /// The stored token for this provider, if any and obtained with our settings.
+    async fn load_stored(&self, startup: bool) -> Option<StoredToken> {
         let stored =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
                 Ok(Ok(s)) => {
@@ -586,46 +677,12 @@ impl Provider {
             }
             return None;
         }
-        {
-            let mut st = self.state();
-            st.max_generation = st.max_generation.max(stored.generation);
-            if let Some(rt) = &stored.refresh_token {
-                st.refresh_token = Some(rt.clone());
-            }
-        }
-        let current_gen = self.current().map_or(0, |t| t.generation);
-        if stored.generation <= current_gen && !startup {
-            return None;
-        }
-        let now_wall = unix_now();
-        let remaining = match stored.expires_at_unix {
-            Some(exp) if exp <= now_wall => return None,
-            Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
-            None => None,
-        };
-        let lifetime = stored
-            .expires_at_unix
-            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
-        if let (Some(rem), Some(life)) = (remaining, lifetime) {
-            if rem <= self.margin(life) {
-                return None;
-            }
-        }
-        let token = self
-            .make_token(
-                stored.access_token.clone(),
-                remaining,
-                stored.scope.clone(),
-                stored.generation,
-            )
-            .ok()?;
-        let token = Arc::new(Token { lifetime, ..token });
-        self.cell.store(Some(token.clone()));
-        tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
-        Some(token)
+        Some(stored)
     }
 
-    async fn fetch(self: &Arc<Self>, trigger: Trigger) -> Outcome {
+    /// Asks the IdP. `leased`: we hold the fleet lease, so the first save is awaited
+    /// before returning (the lease is released after).
+    async fn fetch(self: &Arc<Self>, trigger: Trigger, leased: bool) -> Outcome {
         let (Some(http), Some(client)) = (&self.http, self.cfg.oauth()) else {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         };
@@ -654,8 +711,12 @@ impl Provider {
             let base = st
                 .max_generation
                 .max(current.as_ref().map_or(0, |c| c.generation));
-            let g = if same { base.max(1) } else { base + 1 };
-            st.max_generation = g;
+            // The same token keeps its generation: nothing new to replay with.
+            let g = match &current {
+                Some(c) if same => c.generation,
+                _ => base + 1,
+            };
+            st.max_generation = st.max_generation.max(g);
             g
         };
         let token = Arc::new(
@@ -688,22 +749,32 @@ impl Provider {
                 ..stored
             };
             self.persist(stored).await;
+            return Ok(self.publish_fetched(token));
+        }
+        let token = self.publish_fetched(token);
+        if leased {
+            self.persist(stored).await;
         } else {
             let this = self.clone();
             tokio::spawn(async move { this.persist(stored).await });
         }
-        if !same {
-            self.cell.store(Some(token.clone()));
-        } else {
-            // The IdP handed back the token we have: extend its expiry, keep the
-            // generation (nothing new to replay with).
-            self.cell.store(Some(token.clone()));
-        }
         Ok(token)
     }
 
-    /// Writes the token to the store; on failure keeps retrying in the background
-    /// (with backoff) until it lands or a newer token supersedes it.
+    /// Publishes a token from the IdP; the one held then if that is newer (another
+    /// replica's, adopted meanwhile: the fleet's token wins).
+    fn publish_fetched(&self, token: Arc<Token>) -> Arc<Token> {
+        let generation = token.generation;
+        if self.publish(&token, |held| {
+            held.is_none_or(|h| h.generation <= generation)
+        }) {
+            return token;
+        }
+        self.current().unwrap_or(token)
+    }
+
+    /// Writes the token to the store; on failure keeps reconciling with the store
+    /// in the background (with backoff) until ours lands or a stored one wins.
     async fn persist(self: &Arc<Self>, stored: StoredToken) {
         if self.try_save(&stored).await {
             return;
@@ -716,18 +787,67 @@ impl Provider {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
                     _ = this.shutdown.cancelled() => return,
                 }
-                if this
-                    .current()
-                    .is_some_and(|t| t.generation > stored.generation)
-                {
-                    return;
-                }
-                if this.try_save(&stored).await {
+                if this.reconcile().await {
                     return;
                 }
                 attempt += 1;
             }
         });
+    }
+
+    /// Brings the cell and the store to one token: a stored token that supersedes
+    /// ours (newer generation, or the same generation with another token: the row
+    /// wins) is adopted; a token of ours newer than the row (refreshed while the
+    /// store was unreachable) is saved, and reaches the other replicas from there.
+    /// Returns whether the two agree now.
+    async fn reconcile(self: &Arc<Self>) -> bool {
+        if self.adopt_stored(Adopt::Notified).await.is_some() {
+            return true;
+        }
+        let Some(token) = self.current() else {
+            return true;
+        };
+        let stored_generation =
+            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
+                Ok(Ok(Some(s))) if s.fingerprint == self.fingerprint => {
+                    if s.generation > token.generation
+                        || (s.generation == token.generation
+                            && s.access_token == token.access_token)
+                    {
+                        // In agreement, or a newer row we cannot use (expired): a
+                        // refresh will follow either way; ours must not overwrite it.
+                        return true;
+                    }
+                    Some(s.generation)
+                }
+                Ok(Ok(_)) => None,
+                // Unreachable: try the save anyway, it reports the failure.
+                Ok(Err(_)) | Err(_) => None,
+            };
+        if self.is_static() {
+            return true;
+        }
+        let obtained_at_unix = token
+            .obtained_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let stored = StoredToken {
+            access_token: token.access_token.clone(),
+            refresh_token: self.state().refresh_token.clone(),
+            token_type: "Bearer".into(),
+            scope: token.scope.clone(),
+            expires_at_unix: token
+                .lifetime
+                .map(|l| obtained_at_unix + l.as_secs() as i64),
+            generation: token.generation,
+            obtained_at_unix,
+            fingerprint: self.fingerprint.clone(),
+        };
+        if stored_generation.is_some() {
+            tracing::info!(provider = %self.name, generation = token.generation,
+                "token store reachable again; saving the token refreshed while it was not");
+        }
+        self.try_save(&stored).await
     }
 
     async fn try_save(&self, stored: &StoredToken) -> bool {
@@ -852,9 +972,10 @@ impl Provider {
         }
     }
 
-    /// Fleet mode: another replica stored a new token; adopt it if newer.
+    /// Fleet mode: the stored token changed (another replica's refresh) or the
+    /// store is reachable again after an outage: converge with it.
     pub async fn on_store_change(self: &Arc<Self>) {
-        let _ = self.adopt_stored(false).await;
+        let _ = self.reconcile().await;
     }
 
     pub fn status(&self) -> ProviderStatus {
