@@ -456,9 +456,10 @@ impl Provider {
         st.flight = Some(rx.clone());
         st.last_start = Some(Instant::now());
         let this = self.clone();
+        let held = self.current();
         tokio::spawn(async move {
             let started = Instant::now();
-            let outcome = this.obtain(trigger).await;
+            let outcome = this.obtain(trigger, held).await;
             this.finish(trigger, started, &outcome);
             // Clear the flight before publishing the outcome: a waiter that wakes
             // and immediately needs another refresh must be able to start one.
@@ -542,7 +543,8 @@ impl Provider {
 
     /// Gets a new token: from the store when it holds a usable one (start-up, or
     /// another replica's refresh in fleet mode), else from the IdP.
-    async fn obtain(self: &Arc<Self>, trigger: Trigger) -> Outcome {
+    /// `held`: the token in the cell when this refresh was asked for.
+    async fn obtain(self: &Arc<Self>, trigger: Trigger, held: Option<Arc<Token>>) -> Outcome {
         // Fleet mode: one refresh across all replicas. A store that cannot lock
         // (database down) must not stop us: refresh locally, degraded.
         let lease = match tokio::time::timeout(
@@ -562,6 +564,11 @@ impl Provider {
                 None
             }
         };
+        // While we waited for the lease, another replica's token may have reached
+        // the cell by notification: the refresh we were asked for has happened.
+        if let Some(t) = self.newer_than(held.as_ref()) {
+            return Ok(t);
+        }
         let first = !std::mem::replace(&mut self.state().store_checked, true);
         if first || lease.is_some() {
             let why = if first { Adopt::Startup } else { Adopt::Leased };
@@ -639,6 +646,22 @@ impl Provider {
         self.wake.notify_one();
         tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
         Some(token)
+    }
+
+    /// The current token if it replaced `held` and is valid beyond the refresh
+    /// margin.
+    fn newer_than(&self, held: Option<&Arc<Token>>) -> Option<Arc<Token>> {
+        let current = self.current()?;
+        if held.is_some_and(|h| Arc::ptr_eq(h, &current)) {
+            return None;
+        }
+        let now = Instant::now();
+        let fresh = match (current.expires_in(now), current.lifetime) {
+            (Some(rem), Some(life)) => rem > self.margin(life),
+            (Some(rem), None) => !rem.is_zero(),
+            (None, _) => true,
+        };
+        fresh.then_some(current)
     }
 
     /// Stores `token` in the cell when `replaces` accepts the token held then. Under

@@ -4,5 +4,6 @@
 mod support;
 
 mod config_errors;
+mod fleet;
 mod forward;
 mod tokens;
