@@ -415,6 +415,7 @@ impl Provider {
                     if recent {
                         return None;
                     }
+                    tracing::debug!(provider = %self.name, sent, "refresh after a 401");
                     self.launch(&mut st, Trigger::Unauthorized)
                 }
             }
@@ -575,10 +576,18 @@ impl Provider {
             if let Some(t) = self.adopt_stored(why).await {
                 return Ok(t);
             }
+            // A notification may have adopted the same stored token just before
+            // our read: then it did not supersede ours, yet the refresh is done.
+            if let Some(t) = self.newer_than(held.as_ref()) {
+                return Ok(t);
+            }
         }
         // Holding the fleet lease, the new token must be in the store before the
         // lease goes: the next replica to take it re-reads the store and would
         // otherwise ask the IdP again.
+        tracing::debug!(provider = %self.name, trigger = trigger.as_str(), leased = lease.is_some(),
+            held = held.as_ref().map(|t| t.generation), current = self.current().map(|t| t.generation),
+            "asking the IdP for a token");
         let result = self.fetch(trigger, lease.is_some()).await;
         drop(lease);
         result
