@@ -602,7 +602,12 @@ impl Provider {
         {
             let mut st = self.state();
             st.max_generation = st.max_generation.max(stored.generation);
-            if let Some(rt) = &stored.refresh_token {
+            // A row older than our token (ours refreshed while the store was
+            // unreachable, not saved yet) holds a spent refresh token: keep ours.
+            let older = self
+                .current()
+                .is_some_and(|c| stored.generation < c.generation);
+            if let (Some(rt), false) = (&stored.refresh_token, older) {
                 st.refresh_token = Some(rt.clone());
             }
         }
@@ -645,7 +650,7 @@ impl Provider {
             )
             .ok()?;
         let token = Arc::new(Token { lifetime, ..token });
-        if !self.publish(&token, |held| supersedes(held)) {
+        if !self.publish(&token, supersedes) {
             return None;
         }
         self.metrics
