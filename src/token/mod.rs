@@ -582,12 +582,12 @@ impl Provider {
                 return Ok(t);
             }
         }
-        // Holding the fleet lease, the new token must be in the store before the
-        // lease goes: the next replica to take it re-reads the store and would
-        // otherwise ask the IdP again.
         tracing::debug!(provider = %self.name, trigger = trigger.as_str(), leased = lease.is_some(),
             held = held.as_ref().map(|t| t.generation), current = self.current().map(|t| t.generation),
             "asking the IdP for a token");
+        // Holding the fleet lease, the new token must be in the store before the
+        // lease goes: the next replica to take it re-reads the store and would
+        // otherwise ask the IdP again.
         let result = self.fetch(trigger, lease.is_some()).await;
         drop(lease);
         result
@@ -838,6 +838,9 @@ impl Provider {
     /// store was unreachable) is saved, and reaches the other replicas from there.
     /// Returns whether the two agree now.
     async fn reconcile(self: &Arc<Self>) -> bool {
+        if self.is_static() {
+            return true;
+        }
         if self.adopt_stored(Adopt::Notified).await.is_some() {
             return true;
         }
@@ -861,9 +864,6 @@ impl Provider {
                 // Unreachable: try the save anyway, it reports the failure.
                 Ok(Err(_)) | Err(_) => None,
             };
-        if self.is_static() {
-            return true;
-        }
         let obtained_at_unix = token
             .obtained_at
             .duration_since(UNIX_EPOCH)

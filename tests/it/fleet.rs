@@ -108,15 +108,34 @@ poll_interval = "500ms"
             .unwrap()
             .len()
     }
+}
 
-    async fn drop_tables(self) {
-        let p = &self.prefix;
-        self.admin
-            .batch_execute(&format!(
-                "DROP TABLE IF EXISTS \"{p}_tokens\"; DROP TABLE IF EXISTS \"{p}_schema\""
-            ))
-            .await
-            .unwrap();
+/// Drops the test's tables even when it failed half-way: on a thread with its own
+/// runtime, since `Drop` cannot await (and the test's runtime may be unwinding).
+impl Drop for Db {
+    fn drop(&mut self) {
+        let (url, p) = (self.url.clone(), self.prefix.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!(
+                        "DROP TABLE IF EXISTS \"{p}_tokens\", \"{p}_schema\""
+                    ))
+                    .await
+                    .unwrap();
+            });
+        });
+        if cleanup.join().is_err() {
+            eprintln!("could not drop the test tables of prefix {}", self.prefix);
+        }
     }
 }
 
@@ -230,7 +249,6 @@ async fn three_replicas_refresh_once_fleet_wide_after_revocation() {
     for gw in [a, b, c] {
         gw.stop().await;
     }
-    db.drop_tables().await;
 }
 
 #[tokio::test]
@@ -255,7 +273,6 @@ async fn late_replica_adopts_the_stored_token_without_asking_the_idp() {
 
     late.stop().await;
     a.stop().await;
-    db.drop_tables().await;
 }
 
 /// A TCP relay in front of PostgreSQL that the test can cut: while down, it closes
@@ -407,5 +424,4 @@ async fn replica_cut_from_the_database_keeps_serving_and_converges() {
 
     c.stop().await;
     a.stop().await;
-    db.drop_tables().await;
 }
