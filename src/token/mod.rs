@@ -824,7 +824,7 @@ impl Provider {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
                     _ = this.shutdown.cancelled() => return,
                 }
-                if this.reconcile().await {
+                if this.reconcile(true).await {
                     return;
                 }
                 attempt += 1;
@@ -836,8 +836,11 @@ impl Provider {
     /// ours (newer generation, or the same generation with another token: the row
     /// wins) is adopted; a token of ours newer than the row (refreshed while the
     /// store was unreachable) is saved, and reaches the other replicas from there.
-    /// Returns whether the two agree now.
-    async fn reconcile(self: &Arc<Self>) -> bool {
+    /// Returns whether the two agree now. `ours_pending`: our save failed and must
+    /// still land, even over a row obtained with other provider settings (as any
+    /// save of a new token does); a mere notification never fights over such a row,
+    /// or replicas running two configurations would overwrite each other forever.
+    async fn reconcile(self: &Arc<Self>, ours_pending: bool) -> bool {
         if self.is_static() {
             return true;
         }
@@ -860,6 +863,7 @@ impl Provider {
                     }
                     Some(s.generation)
                 }
+                Ok(Ok(Some(_))) if !ours_pending => return true,
                 Ok(Ok(_)) => None,
                 // Unreachable: try the save anyway, it reports the failure.
                 Ok(Err(_)) | Err(_) => None,
@@ -1012,7 +1016,7 @@ impl Provider {
     /// Fleet mode: the stored token changed (another replica's refresh) or the
     /// store is reachable again after an outage: converge with it.
     pub async fn on_store_change(self: &Arc<Self>) {
-        let _ = self.reconcile().await;
+        let _ = self.reconcile(false).await;
     }
 
     pub fn status(&self) -> ProviderStatus {
