@@ -707,7 +707,15 @@ async fn listen_session(
     *established = true;
     shared.healthy.store(true, Ordering::Relaxed);
     // Changes made while nobody listened show only in a re-read.
-    poll(shared, &client, known).await?;
+    let changed = poll(shared, &client, known).await?;
+    if *shared.listening.borrow() > 0 {
+        // A reconnect: replicas that refreshed on their own during the outage hold
+        // tokens the row may not match even though its generation did not move, so
+        // every provider is announced for them to reconcile.
+        for provider in known.keys().filter(|p| !changed.contains(*p)) {
+            shared.publish(provider);
+        }
+    }
     // Counted once caught up: from here on every change arrives as a notification.
     shared.listening.send_modify(|n| *n += 1);
     let start = tokio::time::Instant::now() + shared.poll_interval;
@@ -720,28 +728,32 @@ async fn listen_session(
                 Some(_) => {}
                 None => return Err(StoreError::Database("notification connection closed".into())),
             },
-            _ = ticks.tick() => poll(shared, &client, known).await?,
+            _ = ticks.tick() => {
+                poll(shared, &client, known).await?;
+            }
         }
     }
 }
 
 /// Safety net for lost notifications: emits every provider whose stored generation
-/// differs from the last one seen.
+/// differs from the last one seen, and returns them.
 async fn poll(
     shared: &Shared,
     client: &Client,
     known: &mut HashMap<String, i64>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let current = read_generations(client, &shared.names)
         .await
         .map_err(|e| shared.failed("poll", &e))?;
+    let mut changed = Vec::new();
     for (provider, generation) in current {
         if known.get(&provider) != Some(&generation) {
             shared.publish(&provider);
-            known.insert(provider, generation);
+            known.insert(provider.clone(), generation);
+            changed.push(provider);
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Whether `e` means the session is gone (rather than the statement failed): a

@@ -101,11 +101,26 @@ impl Trigger {
     }
 }
 
+/// Why the stored token is being read: what it must be to be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adopt {
+    /// First token at start-up: anything valid beyond the refresh margin.
+    Startup,
+    /// Under the fleet lease, instead of asking the IdP: must supersede ours and
+    /// be valid beyond the refresh margin.
+    Leased,
+    /// Another replica's refresh: must supersede ours and be valid.
+    Notified,
+}
+
 /// Shared by every provider: where tokens are persisted and how health shows.
 #[derive(Debug)]
 pub struct StoreHandle {
     pub store: Arc<dyn TokenStore>,
     failing: std::sync::atomic::AtomicBool,
+    /// Saves still being retried. While any is pending, a successful read does not
+    /// mean the store is healthy (a rotated refresh token may not be on disk yet).
+    pending_saves: std::sync::atomic::AtomicUsize,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -114,6 +129,7 @@ impl StoreHandle {
         Arc::new(Self {
             store,
             failing: false.into(),
+            pending_saves: 0.into(),
             metrics,
         })
     }
@@ -122,6 +138,13 @@ impl StoreHandle {
     /// (fleet database) is unreachable.
     pub fn is_failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed) || !self.store.healthy()
+    }
+
+    /// A read succeeded: the store works again, unless a write is still pending.
+    pub fn record_read_ok(&self) {
+        if self.pending_saves.load(Ordering::SeqCst) == 0 {
+            self.record(&Ok(()));
+        }
     }
 
     /// Records an outcome; logs only when the state changes (not per attempt).
@@ -417,6 +440,7 @@ impl Provider {
                     if recent {
                         return None;
                     }
+                    tracing::debug!(provider = %self.name, sent, "refresh after a 401");
                     self.launch(&mut st, Trigger::Unauthorized)
                 }
             }
@@ -489,10 +513,11 @@ impl Provider {
         st.flight = Some(rx.clone());
         st.last_start = Some(Instant::now());
         let this = self.clone();
+        let held = self.current();
         tokio::spawn(async move {
             let mut guard = FlightGuard(Some(this.clone()));
             let started = Instant::now();
-            let outcome = this.obtain(trigger).await;
+            let outcome = this.obtain(trigger, held).await;
             this.finish(trigger, started, &outcome);
             // Clear the flight before publishing the outcome: a waiter that wakes
             // and immediately needs another refresh must be able to start one.
@@ -577,7 +602,8 @@ impl Provider {
 
     /// Gets a new token: from the store when it holds a usable one (start-up, or
     /// another replica's refresh in fleet mode), else from the IdP.
-    async fn obtain(self: &Arc<Self>, trigger: Trigger) -> Outcome {
+    /// `held`: the token in the cell when this refresh was asked for.
+    async fn obtain(self: &Arc<Self>, trigger: Trigger, held: Option<Arc<Token>>) -> Outcome {
         // Fleet mode: one refresh across all replicas. A store that cannot lock
         // (database down) must not stop us: refresh locally, degraded.
         let lease = match tokio::time::timeout(
@@ -597,27 +623,142 @@ impl Provider {
                 None
             }
         };
+        // While we waited for the lease, another replica's token may have reached
+        // the cell by notification: the refresh we were asked for has happened.
+        if let Some(t) = self.newer_than(held.as_ref()) {
+            return Ok(t);
+        }
         let first = !std::mem::replace(&mut self.state().store_checked, true);
         if first || lease.is_some() {
-            if let Some(t) = self.adopt_stored(first).await {
+            let why = if first { Adopt::Startup } else { Adopt::Leased };
+            if let Some(t) = self.adopt_stored(why).await {
+                return Ok(t);
+            }
+            // A notification may have adopted the same stored token just before
+            // our read: then it did not supersede ours, yet the refresh is done.
+            if let Some(t) = self.newer_than(held.as_ref()) {
                 return Ok(t);
             }
         }
-        let result = self.fetch(trigger).await;
+        tracing::debug!(provider = %self.name, trigger = trigger.as_str(), leased = lease.is_some(),
+            held = held.as_ref().map(|t| t.generation), current = self.current().map(|t| t.generation),
+            "asking the IdP for a token");
+        // Holding the fleet lease, the new token must be in the store before the
+        // lease goes: the next replica to take it re-reads the store and would
+        // otherwise ask the IdP again.
+        let result = self.fetch(trigger, lease.is_some()).await;
         drop(lease);
         result
     }
 
-    /// Publishes the stored token if it is newer than ours and valid for longer
-    /// than the refresh margin. Also takes the stored refresh token (the newest one
-    /// always wins over the configured seed).
-    async fn adopt_stored(self: &Arc<Self>, startup: bool) -> Option<Arc<Token>> {
+    /// Publishes the stored token when it supersedes ours: a newer generation, or the
+    /// same generation with another token (two replicas that refreshed while the
+    /// database was down converge on the stored row). Also takes the stored refresh
+    /// token (the newest one always wins over the configured seed).
+    async fn adopt_stored(self: &Arc<Self>, why: Adopt) -> Option<Arc<Token>> {
+        let stored = self.load_stored(why == Adopt::Startup).await?;
+        {
+            let mut st = self.state();
+            st.max_generation = st.max_generation.max(stored.generation);
+            // A row older than our token (ours refreshed while the store was
+            // unreachable, not saved yet) holds a spent refresh token: keep ours.
+            let older = self
+                .current()
+                .is_some_and(|c| stored.generation < c.generation);
+            if let (Some(rt), false) = (&stored.refresh_token, older) {
+                st.refresh_token = Some(rt.clone());
+            }
+        }
+        let supersedes = |held: Option<&Token>| match held {
+            None => true,
+            Some(c) => {
+                stored.generation > c.generation
+                    || (stored.generation == c.generation
+                        && (stored.access_token != c.access_token || why == Adopt::Startup))
+            }
+        };
+        if !supersedes(self.current().as_deref()) {
+            return None;
+        }
+        let now_wall = unix_now();
+        let remaining = match stored.expires_at_unix {
+            Some(exp) if exp <= now_wall => return None,
+            Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
+            None => None,
+        };
+        let lifetime = stored
+            .expires_at_unix
+            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
+        // Instead of a fetch (start-up, or under the fleet lease), a token about to
+        // need refreshing is not worth taking: fetch now. A notified token is taken
+        // whenever it is still valid: ours is older and may already be revoked.
+        if why != Adopt::Notified {
+            if let (Some(rem), Some(life)) = (remaining, lifetime) {
+                if rem <= self.margin(life) {
+                    return None;
+                }
+            }
+        }
+        let token = self
+            .make_token(
+                stored.access_token.clone(),
+                remaining,
+                stored.scope.clone(),
+                stored.generation,
+            )
+            .ok()?;
+        let token = Arc::new(Token { lifetime, ..token });
+        if !self.publish(&token, supersedes) {
+            return None;
+        }
+        self.metrics
+            .set_expiry(token.expires_in(Instant::now()).map(|d| d.as_secs_f64()));
+        // The refresher sleeps until the old token's refresh time; it must re-plan
+        // for this one, or it would refresh early and ask the IdP for nothing.
+        self.wake.notify_one();
+        tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
+        Some(token)
+    }
+
+    /// The current token if it replaced `held` and is valid beyond the refresh
+    /// margin.
+    fn newer_than(&self, held: Option<&Arc<Token>>) -> Option<Arc<Token>> {
+        let current = self.current()?;
+        if held.is_some_and(|h| Arc::ptr_eq(h, &current)) {
+            return None;
+        }
+        let now = Instant::now();
+        let fresh = match (current.expires_in(now), current.lifetime) {
+            (Some(rem), Some(life)) => rem > self.margin(life),
+            (Some(rem), None) => !rem.is_zero(),
+            (None, _) => true,
+        };
+        fresh.then_some(current)
+    }
+
+    /// Stores `token` in the cell when `replaces` accepts the token held then. Under
+    /// the state lock, so a refresh and an adoption landing together can never put
+    /// an older generation back.
+    fn publish(&self, token: &Arc<Token>, replaces: impl FnOnce(Option<&Token>) -> bool) -> bool {
+        let _st = self.state();
+        let held = self.cell.load();
+        if !replaces(held.as_deref()) {
+            return false;
+        }
+        self.cell.store(Some(token.clone()));
+        true
+    }
+
+    /// The stored token for this provider, if any and obtained with our settings.
+    async fn load_stored(&self, startup: bool) -> Option<StoredToken> {
         let stored =
             match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-                // A successful read says nothing about a write still being retried
-                // (a rotated refresh token not yet on disk): it must not clear the
-                // failing state, only a successful save does.
-                Ok(Ok(s)) => s?,
+                // A successful read clears the failing state only when no write
+                // is still being retried (a rotated refresh token not yet on disk).
+                Ok(Ok(s)) => {
+                    self.store.record_read_ok();
+                    s?
+                }
                 Ok(Err(e)) => {
                     self.store.record(&Err(e.to_string()));
                     return None;
@@ -641,51 +782,12 @@ impl Provider {
             }
             return None;
         }
-        let current_gen = self.current().map_or(0, |t| t.generation);
-        {
-            let mut st = self.state();
-            st.max_generation = st.max_generation.max(stored.generation);
-            // An older record (our own newer write still being retried) holds a
-            // refresh token the IdP already rotated away: taking it would cost a
-            // re-consent. Only a record at least as new as ours replaces it.
-            if startup || stored.generation >= current_gen {
-                if let Some(rt) = &stored.refresh_token {
-                    st.refresh_token = Some(rt.clone());
-                }
-            }
-        }
-        if stored.generation <= current_gen && !startup {
-            return None;
-        }
-        let now_wall = unix_now();
-        let remaining = match stored.expires_at_unix {
-            Some(exp) if exp <= now_wall => return None,
-            Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
-            None => None,
-        };
-        let lifetime = stored
-            .expires_at_unix
-            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
-        if let (Some(rem), Some(life)) = (remaining, lifetime) {
-            if rem <= self.margin(life) {
-                return None;
-            }
-        }
-        let token = self
-            .make_token(
-                stored.access_token.clone(),
-                remaining,
-                stored.scope.clone(),
-                stored.generation,
-            )
-            .ok()?;
-        let token = Arc::new(Token { lifetime, ..token });
-        self.cell.store(Some(token.clone()));
-        tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
-        Some(token)
+        Some(stored)
     }
 
-    async fn fetch(self: &Arc<Self>, trigger: Trigger) -> Outcome {
+    /// Asks the IdP. `leased`: we hold the fleet lease, so the first save is awaited
+    /// before returning (the lease is released after).
+    async fn fetch(self: &Arc<Self>, trigger: Trigger, leased: bool) -> Outcome {
         let (Some(http), Some(client)) = (&self.http, self.cfg.oauth()) else {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         };
@@ -714,8 +816,12 @@ impl Provider {
             let base = st
                 .max_generation
                 .max(current.as_ref().map_or(0, |c| c.generation));
-            let g = if same { base.max(1) } else { base + 1 };
-            st.max_generation = g;
+            // The same token keeps its generation: nothing new to replay with.
+            let g = match &current {
+                Some(c) if same => c.generation,
+                _ => base + 1,
+            };
+            st.max_generation = st.max_generation.max(g);
             g
         };
         let token = Arc::new(
@@ -748,22 +854,32 @@ impl Provider {
                 ..stored
             };
             self.persist(stored).await;
+            return Ok(self.publish_fetched(token));
+        }
+        let token = self.publish_fetched(token);
+        if leased {
+            self.persist(stored).await;
         } else {
             let this = self.clone();
             tokio::spawn(async move { this.persist(stored).await });
         }
-        if !same {
-            self.cell.store(Some(token.clone()));
-        } else {
-            // The IdP handed back the token we have: extend its expiry, keep the
-            // generation (nothing new to replay with).
-            self.cell.store(Some(token.clone()));
-        }
         Ok(token)
     }
 
-    /// Writes the token to the store; on failure keeps retrying in the background
-    /// (with backoff) until it lands or a newer token supersedes it.
+    /// Publishes a token from the IdP; the one held then if that is newer (another
+    /// replica's, adopted meanwhile: the fleet's token wins).
+    fn publish_fetched(&self, token: Arc<Token>) -> Arc<Token> {
+        let generation = token.generation;
+        if self.publish(&token, |held| {
+            held.is_none_or(|h| h.generation <= generation)
+        }) {
+            return token;
+        }
+        self.current().unwrap_or(token)
+    }
+
+    /// Writes the token to the store; on failure keeps reconciling with the store
+    /// in the background (with backoff) until ours lands or a stored one wins.
     async fn persist(self: &Arc<Self>, stored: StoredToken) {
         self.latest_save
             .fetch_max(stored.generation, Ordering::SeqCst);
@@ -771,19 +887,87 @@ impl Provider {
             return;
         }
         let this = self.clone();
+        self.store.pending_saves.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let mut attempt = 1;
+            let mut agreed = false;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
-                    _ = this.shutdown.cancelled() => return,
+                    _ = this.shutdown.cancelled() => break,
                 }
-                if this.try_save(&stored).await {
-                    return;
+                if this.reconcile(true).await {
+                    agreed = true;
+                    break;
                 }
                 attempt += 1;
             }
+            this.store.pending_saves.fetch_sub(1, Ordering::SeqCst);
+            // Store and cell agree again (our save landed, or a newer row was
+            // adopted): the store is healthy unless another save is pending.
+            if agreed {
+                this.store.record_read_ok();
+            }
         });
+    }
+
+    /// Brings the cell and the store to one token: a stored token that supersedes
+    /// ours (newer generation, or the same generation with another token: the row
+    /// wins) is adopted; a token of ours newer than the row (refreshed while the
+    /// store was unreachable) is saved, and reaches the other replicas from there.
+    /// Returns whether the two agree now. `ours_pending`: our save failed and must
+    /// still land, even over a row obtained with other provider settings (as any
+    /// save of a new token does); a mere notification never fights over such a row,
+    /// or replicas running two configurations would overwrite each other forever.
+    async fn reconcile(self: &Arc<Self>, ours_pending: bool) -> bool {
+        if self.is_static() {
+            return true;
+        }
+        if self.adopt_stored(Adopt::Notified).await.is_some() {
+            return true;
+        }
+        let Some(token) = self.current() else {
+            return true;
+        };
+        let stored_generation =
+            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
+                Ok(Ok(Some(s))) if s.fingerprint == self.fingerprint => {
+                    if s.generation > token.generation
+                        || (s.generation == token.generation
+                            && s.access_token == token.access_token)
+                    {
+                        // In agreement, or a newer row we cannot use (expired): a
+                        // refresh will follow either way; ours must not overwrite it.
+                        return true;
+                    }
+                    Some(s.generation)
+                }
+                Ok(Ok(Some(_))) if !ours_pending => return true,
+                Ok(Ok(_)) => None,
+                // Unreachable: try the save anyway, it reports the failure.
+                Ok(Err(_)) | Err(_) => None,
+            };
+        let obtained_at_unix = token
+            .obtained_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let stored = StoredToken {
+            access_token: token.access_token.clone(),
+            refresh_token: self.state().refresh_token.clone(),
+            token_type: "Bearer".into(),
+            scope: token.scope.clone(),
+            expires_at_unix: token
+                .lifetime
+                .map(|l| obtained_at_unix + l.as_secs() as i64),
+            generation: token.generation,
+            obtained_at_unix,
+            fingerprint: self.fingerprint.clone(),
+        };
+        if stored_generation.is_some() {
+            tracing::info!(provider = %self.name, generation = token.generation,
+                "token store reachable again; saving the token refreshed while it was not");
+        }
+        self.try_save(&stored).await
     }
 
     /// Saves `stored` unless a newer token was handed to `persist` meanwhile (then
@@ -920,9 +1104,10 @@ impl Provider {
         self.shutdown.cancel();
     }
 
-    /// Fleet mode: another replica stored a new token; adopt it if newer.
+    /// Fleet mode: the stored token changed (another replica's refresh) or the
+    /// store is reachable again after an outage: converge with it.
     pub async fn on_store_change(self: &Arc<Self>) {
-        let _ = self.adopt_stored(false).await;
+        let _ = self.reconcile(false).await;
     }
 
     pub fn status(&self) -> ProviderStatus {

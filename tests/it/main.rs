@@ -4,6 +4,7 @@
 mod support;
 
 mod config_errors;
+mod fleet;
 mod forward;
 mod persist;
 mod tokens;

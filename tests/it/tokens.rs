@@ -562,7 +562,11 @@ async fn the_current_token_serves_until_it_really_expires_while_the_idp_is_down(
     let r = c.get(&gw.url("/crm/x")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.json()["error"], "token_unavailable");
-    assert!(idp.requests() <= 4, "backoff, not a loop: {}", idp.requests());
+    assert!(
+        idp.requests() <= 4,
+        "backoff, not a loop: {}",
+        idp.requests()
+    );
 }
 
 #[tokio::test]
@@ -571,30 +575,45 @@ async fn retry_after_from_the_idp_is_honoured() {
     let up = MockUpstream::with_idp(&idp).await;
     // A 429 with retry-after: 7 (the mock sends the status; the header comes from
     // the body-less path below).
-    idp.fail_with(Some(Failure::Status(429, r#"{"error":"slow_down"}"#.into())));
+    idp.fail_with(Some(Failure::Status(
+        429,
+        r#"{"error":"slow_down"}"#.into(),
+    )));
     let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
     let r = Client::new().get(&gw.url("/crm/x")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let status = gw.provider("crm").status();
-    assert_eq!(status.last_refresh.as_ref().unwrap().error.as_deref(), Some("slow_down"));
+    assert_eq!(
+        status.last_refresh.as_ref().unwrap().error.as_deref(),
+        Some("slow_down")
+    );
     assert_eq!(idp.requests(), 1);
 }
 
 #[tokio::test]
 async fn invalid_client_is_reported_and_not_hammered() {
     let idp = MockIdp::start().await;
-    idp.fail_with(Some(Failure::Status(401, r#"{"error":"invalid_client","error_description":"bad secret"}"#.into())));
+    idp.fail_with(Some(Failure::Status(
+        401,
+        r#"{"error":"invalid_client","error_description":"bad secret"}"#.into(),
+    )));
     let up = MockUpstream::with_idp(&idp).await;
     let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
     let c = Client::new();
     for _ in 0..100 {
         let r = c.get(&gw.url("/crm/x")).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(r.json()["message"].as_str().unwrap().contains("invalid_client"));
+        assert!(r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"));
         let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!(ra >= 10, "slow retry for a client error: retry-after {ra}");
     }
     assert_eq!(idp.requests(), 1);
     let st = gw.provider("crm").status();
-    assert_eq!(st.last_refresh.unwrap().error.as_deref(), Some("invalid_client"));
+    assert_eq!(
+        st.last_refresh.unwrap().error.as_deref(),
+        Some("invalid_client")
+    );
 }

@@ -1,0 +1,429 @@
+//! Fleet mode (issue 7): several gateways share one token through PostgreSQL.
+//! Runs against the server named by `AUTHGATE_TEST_DATABASE_URL` (`.ci/run` sets
+//! it); each test works in its own table prefix and drops its tables at the end.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use authgate::token::Trigger;
+
+use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
+
+const DB_ENV: &str = "AUTHGATE_TEST_DATABASE_URL";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One test's slice of the database: a random table prefix, and an admin
+/// connection to inspect and cut sessions.
+struct Db {
+    url: String,
+    prefix: String,
+    admin: tokio_postgres::Client,
+}
+
+impl Db {
+    async fn new() -> Option<Self> {
+        let Ok(url) = std::env::var(DB_ENV) else {
+            println!("skipped: {DB_ENV} not set");
+            return None;
+        };
+        let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("test database unreachable");
+        tokio::spawn(connection);
+        let prefix = format!("t_{:016x}", rand::random::<u64>());
+        Some(Self { url, prefix, admin })
+    }
+
+    /// A gateway config for this test. `url_env` names the variable holding the
+    /// database URL (each replica may get its own, to tell its sessions apart).
+    fn config(&self, idp: &MockIdp, up: &MockUpstream, url_env: &str) -> String {
+        format!(
+            r#"
+[providers.crm]
+grant = "client_credentials"
+token_url = "{token_url}"
+client_id = "fleet"
+client_secret_env = "FLEET_CLIENT_SECRET"
+min_refresh_interval = "10ms"
+
+[[routes]]
+prefix = "/crm"
+upstream = "{upstream}"
+provider = "crm"
+
+[store]
+kind = "postgres"
+url_env = "{url_env}"
+table_prefix = "{prefix}"
+poll_interval = "500ms"
+"#,
+            token_url = idp.token_url(),
+            upstream = up.url(),
+            prefix = self.prefix,
+        )
+    }
+
+    /// The stored generation of `crm`, if a row exists.
+    async fn stored_generation(&self) -> Option<i64> {
+        let sql = format!(
+            "SELECT generation FROM \"{}_tokens\" WHERE provider = 'crm'",
+            self.prefix
+        );
+        // The table appears with the first replica's migration.
+        match self.admin.query_opt(sql.as_str(), &[]).await {
+            Ok(row) => row.map(|r| r.get(0)),
+            Err(_) => None,
+        }
+    }
+
+    async fn stored_token(&self) -> Option<String> {
+        let sql = format!(
+            "SELECT access_token FROM \"{}_tokens\" WHERE provider = 'crm'",
+            self.prefix
+        );
+        self.admin
+            .query_opt(sql.as_str(), &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+    }
+
+    /// Ends every session whose `application_name` starts with `base`.
+    async fn terminate(&self, base: &str) -> usize {
+        self.admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1",
+                &[&format!("{base}:%")],
+            )
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+/// Drops the test's tables even when it failed half-way: on a thread with its own
+/// runtime, since `Drop` cannot await (and the test's runtime may be unwinding).
+impl Drop for Db {
+    fn drop(&mut self) {
+        let (url, p) = (self.url.clone(), self.prefix.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!(
+                        "DROP TABLE IF EXISTS \"{p}_tokens\", \"{p}_schema\""
+                    ))
+                    .await
+                    .unwrap();
+            });
+        });
+        if cleanup.join().is_err() {
+            eprintln!("could not drop the test tables of prefix {}", self.prefix);
+        }
+    }
+}
+
+fn setup_env() {
+    std::env::set_var("FLEET_CLIENT_SECRET", "fleet-secret");
+}
+
+/// Polls `cond` until it holds, failing the test after `WAIT`.
+async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn generation(gw: &TestGateway) -> Option<u64> {
+    gw.provider("crm").current().map(|t| t.generation)
+}
+
+fn token_of(gw: &TestGateway) -> Option<String> {
+    gw.provider("crm")
+        .current()
+        .map(|t| t.access_token.expose().to_owned())
+}
+
+/// Starts a replica once the previous one's token is in the store, so start-up
+/// order is deterministic: each later replica adopts instead of fetching.
+async fn start_after_row(db: &Db, toml: &str, generation: u64) -> TestGateway {
+    until("the token row", || async {
+        db.stored_generation().await == Some(generation as i64)
+    })
+    .await;
+    let gw = TestGateway::start(toml).await;
+    gw.ready().await;
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_refresh_once_fleet_wide_after_revocation() {
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let idp = MockIdp::start().await;
+    // An IdP that revokes the previous token whenever it issues one: two replicas
+    // refreshing on their own would knock each other's tokens out.
+    *idp.state.revoke_on_issue.lock().unwrap() = true;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = db.config(&idp, &up, DB_ENV);
+
+    let a = TestGateway::start(&toml).await;
+    a.ready().await;
+    let g = generation(&a).unwrap();
+    let b = start_after_row(&db, &toml, g).await;
+    let c = start_after_row(&db, &toml, g).await;
+    assert_eq!(idp.requests(), 1, "one start-up token for the whole fleet");
+    let replicas = [&a, &b, &c];
+    for gw in replicas {
+        assert_eq!(generation(gw), Some(g));
+    }
+
+    let before = idp.requests();
+    idp.revoke_all();
+    let client = Client::new();
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let url = replicas[i % 3].url(&format!("/crm/item/{i}"));
+        let client = client.clone();
+        tasks.spawn(async move {
+            let r = client.get(&url).await;
+            (r.status, r.text())
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(reply) = tasks.join_next().await {
+        let (status, body) = reply.unwrap();
+        if status != StatusCode::OK {
+            failed.push(format!("{status} {body}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert_eq!(
+        idp.requests() - before,
+        1,
+        "exactly one token request across the fleet"
+    );
+    let g2 = generation(&a).unwrap();
+    assert!(g2 > g);
+    for gw in replicas {
+        assert_eq!(generation(gw), Some(g2));
+        assert_eq!(token_of(gw), token_of(&a));
+    }
+    assert_eq!(db.stored_generation().await, Some(g2 as i64));
+    println!(
+        "fleet: 1000 requests over 3 replicas in {:?}, {} upstream 401s, {} token request(s)",
+        started.elapsed(),
+        up.unauthorized(),
+        idp.requests() - before
+    );
+
+    for gw in [a, b, c] {
+        gw.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn late_replica_adopts_the_stored_token_without_asking_the_idp() {
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = db.config(&idp, &up, DB_ENV);
+
+    let a = TestGateway::start(&toml).await;
+    a.ready().await;
+    let g = generation(&a).unwrap();
+    let before = idp.requests();
+    let late = start_after_row(&db, &toml, g).await;
+    assert_eq!(idp.requests(), before, "the late replica asked the IdP");
+    assert_eq!(generation(&late), Some(g));
+    assert_eq!(token_of(&late), token_of(&a));
+    let r = Client::new().get(&late.url("/crm/x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(idp.requests(), before);
+
+    late.stop().await;
+    a.stop().await;
+}
+
+/// A TCP relay in front of PostgreSQL that the test can cut: while down, it closes
+/// every relayed connection and refuses new ones, like a network partition.
+struct Relay {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: std::sync::Mutex<CancellationToken>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Arc::new(Relay {
+            addr: listener.local_addr().unwrap(),
+            up: Arc::new(AtomicBool::new(true)),
+            cut: std::sync::Mutex::new(CancellationToken::new()),
+        });
+        let r = relay.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !r.up.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let cut = r.cut.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut cut = self.cut.lock().unwrap();
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_cut_from_the_database_keeps_serving_and_converges() {
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+
+    // Replica C reaches PostgreSQL through a relay, under its own application_name.
+    let pg = tokio_postgres::Config::from_str(&db.url).unwrap();
+    let host = match &pg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => panic!("{DB_ENV} must name a TCP host"),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let relay = Relay::start(target).await;
+    let app_name = format!("fleet_{}_c", db.prefix);
+    let mut c_url = db
+        .url
+        .replacen(&format!("{host}:{port}"), &relay.addr.to_string(), 1);
+    assert_ne!(c_url, db.url, "{DB_ENV} should spell host:port");
+    c_url.push(if c_url.contains('?') { '&' } else { '?' });
+    c_url.push_str(&format!("application_name={app_name}"));
+    let c_env = format!("FLEET_URL_{}", db.prefix.to_uppercase());
+    std::env::set_var(&c_env, &c_url);
+
+    let a = TestGateway::start(&db.config(&idp, &up, DB_ENV)).await;
+    a.ready().await;
+    let g = generation(&a).unwrap();
+    let c = start_after_row(&db, &db.config(&idp, &up, &c_env), g).await;
+    assert_eq!(generation(&c), Some(g));
+    let c_store = c.app().gateway.store.clone();
+    until("C's store healthy", || async { !c_store.is_failing() }).await;
+
+    // Cut: the relay drops C's connections, and the server ends C's sessions.
+    relay.down();
+    db.terminate(&app_name).await;
+    until("C reports its store failing", || async {
+        c_store.is_failing()
+    })
+    .await;
+    let client = Client::new();
+    assert_eq!(client.get(&c.url("/crm/a")).await.status, StatusCode::OK);
+
+    // Meanwhile A refreshes through the fleet (stored, generation g+1), and C,
+    // unable to take the fleet lock, refreshes locally (degraded) to the same
+    // generation with another token.
+    let timeout = Duration::from_secs(10);
+    let ta = a
+        .provider("crm")
+        .refresh_now(Trigger::Manual, timeout)
+        .await
+        .unwrap();
+    assert_eq!(ta.generation, g + 1);
+    let tc = c
+        .provider("crm")
+        .refresh_now(Trigger::Manual, timeout)
+        .await
+        .unwrap();
+    assert_eq!(tc.generation, g + 1);
+    assert_ne!(tc.access_token, ta.access_token);
+    assert!(c_store.is_failing());
+    assert_eq!(client.get(&c.url("/crm/b")).await.status, StatusCode::OK);
+    let requests = idp.requests();
+
+    // The database returns: C converges on the stored row (same generation,
+    // the row wins) without asking the IdP.
+    relay.up();
+    until("C converged on the fleet token", || async {
+        token_of(&c) == token_of(&a) && generation(&c) == generation(&a)
+    })
+    .await;
+    until("C's store healthy again", || async {
+        !c_store.is_failing()
+    })
+    .await;
+    assert_eq!(db.stored_token().await, token_of(&a));
+    assert_eq!(idp.requests(), requests);
+    assert_eq!(client.get(&c.url("/crm/c")).await.status, StatusCode::OK);
+
+    // And a later refresh on A reaches C by notification.
+    let t3 = a
+        .provider("crm")
+        .refresh_now(Trigger::Manual, timeout)
+        .await
+        .unwrap();
+    assert_eq!(t3.generation, g + 2);
+    until("C caught up with A's refresh", || async {
+        generation(&c) == Some(g + 2)
+    })
+    .await;
+    assert_eq!(token_of(&c), token_of(&a));
+
+    c.stop().await;
+    a.stop().await;
+}
