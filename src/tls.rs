@@ -6,7 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -18,6 +19,8 @@ pub enum TlsError {
     },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error("client CA: {0}")]
+    ClientCa(#[from] rustls::server::VerifierBuilderError),
 }
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -88,4 +91,43 @@ pub fn client_config(
     // ALPN (h2, http/1.1) is set by the connector that uses this config.
     let _ = h2;
     Ok(cfg)
+}
+
+/// The caller-facing listener's config: our certificate, h2 and http/1.1 by ALPN,
+/// and with `client_ca` a verifier that requires a caller certificate signed by it
+/// (a caller without one fails the handshake).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(ca, "client CA certificate")? {
+                roots.add(c)?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(load_certs(cert, "TLS certificate")?, load_key(key)?)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The DNS names (subject alternative names) of a verified caller certificate.
+/// Only called after the handshake, so the chain has already been verified.
+pub fn peer_names(certs: Option<&[CertificateDer<'_>]>) -> Vec<String> {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    match webpki::EndEntityCert::try_from(leaf) {
+        Ok(ee) => ee.valid_dns_names().map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    }
 }
