@@ -1,0 +1,479 @@
+//! The security boundary (issue 5): TLS and caller certificates, caller
+//! identification and ACLs, the broker API, limits, smuggling shapes, audit, leaks.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
+
+// ---------------------------------------------------------------- test PKI
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+    pem: String,
+}
+
+struct Leaf {
+    der: CertificateDer<'static>,
+    pem: String,
+    key_der: Vec<u8>,
+    key_pem: String,
+}
+
+impl Leaf {
+    fn identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (
+            vec![self.der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+        )
+    }
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        der: cert.der().clone(),
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+fn leaf(ca: &Ca, names: &[&str], client: bool) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    Leaf {
+        der: cert.der().clone(),
+        pem: cert.pem(),
+        key_der: key.serialize_der(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Writes the CA and the gateway's certificate; returns the `[listen]` section.
+fn tls_listen(dir: &Path, ca: &Ca, with_client_ca: bool) -> String {
+    let server = leaf(ca, &["localhost"], false);
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(dir.join("gw.pem"), &server.pem).unwrap();
+    std::fs::write(dir.join("gw-key.pem"), &server.key_pem).unwrap();
+    let d = dir.display();
+    let client_ca = if with_client_ca {
+        format!("client_ca = \"{d}/ca.pem\"\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ntls_cert = \"{d}/gw.pem\"\ntls_key = \"{d}/gw-key.pem\"\n{client_ca}"
+    )
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One GET over TLS, offering only `alpn`; answers status, version and body.
+async fn tls_get(
+    addr: SocketAddr,
+    ca: &Ca,
+    client: Option<&Leaf>,
+    alpn: &[u8],
+    path: &str,
+) -> Result<(StatusCode, Version, Bytes), BoxError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone())?;
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(l) => {
+            let (c, k) = l.identity();
+            b.with_client_auth_cert(c, k)?
+        }
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let io = TokioIo::new(tls);
+    let resp = if alpn == b"h2" {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        let req = Request::get(format!("https://localhost{path}")).body(Empty::<Bytes>::new())?;
+        send.send_request(req).await?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<Bytes>::new())?;
+        send.send_request(req).await?
+    };
+    let status = resp.status();
+    let version = resp.version();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, version, body))
+}
+
+fn json(b: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap()
+}
+
+// ---------------------------------------------------------------- TLS
+
+#[tokio::test]
+async fn tls_listener_serves_http1_and_h2_by_alpn() {
+    let up = MockUpstream::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let ca = ca("test CA");
+    let toml = format!(
+        "{}\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        tls_listen(pki.path(), &ca, false),
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+
+    let (status, version, _) = tls_get(gw.addr, &ca, None, b"http/1.1", "/open/a")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, Version::HTTP_11);
+    assert_eq!(up.last().uri, "/a");
+
+    let (status, version, _) = tls_get(gw.addr, &ca, None, b"h2", "/open/b").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, Version::HTTP_2);
+    assert_eq!(up.last().uri, "/b");
+
+    // Plaintext on a TLS listener gets nowhere near the upstream.
+    let before = up.count();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /open/c HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    assert_eq!(up.count(), before);
+}
+
+#[tokio::test]
+async fn caller_certificates_identify_and_are_required() {
+    let up = MockUpstream::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let ca = ca("internal CA");
+    let toml = format!(
+        r#"{listen}
+[callers.billing]
+cert_names = ["billing.svc"]
+
+[callers.reports]
+cert_names = ["reports.svc"]
+
+[[routes]]
+prefix = "/open"
+upstream = "{u}"
+allow = ["billing"]
+"#,
+        listen = tls_listen(pki.path(), &ca, true),
+        u = up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+
+    let billing = leaf(&ca, &["billing.svc"], true);
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let (status, _, body) = tls_get(gw.addr, &ca, Some(&billing), alpn, "/open/x")
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    assert_eq!(up.count(), 2);
+
+    // A defined caller that the route does not allow.
+    let reports = leaf(&ca, &["reports.svc"], true);
+    let (status, _, body) = tls_get(gw.addr, &ca, Some(&reports), b"http/1.1", "/open/x")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(json(&body)["error"], "caller_forbidden");
+
+    // A valid certificate with a name no caller has.
+    let stranger = leaf(&ca, &["stranger.svc"], true);
+    let (status, _, body) = tls_get(gw.addr, &ca, Some(&stranger), b"http/1.1", "/open/x")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(json(&body)["error"], "caller_forbidden");
+
+    // No certificate, or one from another CA: the handshake is refused.
+    assert!(tls_get(gw.addr, &ca, None, b"http/1.1", "/open/x")
+        .await
+        .is_err());
+    let other_ca = self::ca("other CA");
+    let forged = leaf(&other_ca, &["billing.svc"], true);
+    assert!(tls_get(gw.addr, &ca, Some(&forged), b"http/1.1", "/open/x")
+        .await
+        .is_err());
+    assert_eq!(up.count(), 2, "refused callers never reach the upstream");
+}
+
+// ---------------------------------------------------------------- callers and ACLs
+
+const BILLING_KEY: &str = "sec-billing-key-5b1d0e9c";
+
+fn caller_config(up: &MockUpstream) -> String {
+    std::env::set_var("SEC_BILLING_KEY", BILLING_KEY);
+    format!(
+        r#"
+[callers.local]
+addrs = ["127.0.0.1/32"]
+key_env = "SEC_BILLING_KEY"
+
+[callers.remote]
+addrs = ["10.0.0.0/8"]
+
+[callers.local_open]
+addrs = ["127.0.0.1/32"]
+
+[[routes]]
+prefix = "/keyed"
+upstream = "{u}"
+allow = ["local"]
+
+[[routes]]
+prefix = "/any"
+upstream = "{u}"
+
+[[routes]]
+prefix = "/remote-only"
+upstream = "{u}"
+allow = ["remote"]
+"#,
+        u = up.url()
+    )
+}
+
+#[tokio::test]
+async fn callers_by_address_and_key_and_route_acl() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&caller_config(&up)).await;
+    let c = Client::new();
+
+    // Right key from an allowed network: identified as `local`, allowed.
+    let r = c
+        .send(
+            Method::GET,
+            &gw.url("/keyed/a"),
+            &[
+                ("x-authgate-key", BILLING_KEY),
+                ("authorization", "Bearer caller-own-credential"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let seen = up.last();
+    assert!(seen.headers.get("x-authgate-key").is_none());
+    assert!(seen.headers.get("authorization").is_none());
+    let raw = format!("{:?}", seen.headers);
+    assert!(!raw.contains(BILLING_KEY) && !raw.contains("caller-own-credential"));
+
+    // Wrong key: falls through to `local_open` (address only), not allowed here.
+    let before = up.count();
+    for key in [Some("wrong-key"), None] {
+        let h: Vec<(&str, &str)> = key.map(|k| ("x-authgate-key", k)).into_iter().collect();
+        let r = c
+            .send(Method::GET, &gw.url("/keyed/a"), &h, Bytes::new())
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "key {key:?}");
+        assert_eq!(r.json()["error"], "caller_forbidden");
+        assert!(!r.text().contains("wrong-key"));
+    }
+    assert_eq!(up.count(), before);
+
+    // A route open to every identified caller.
+    let r = c.get(&gw.url("/any/b")).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // Only 10.0.0.0/8 allowed: a loopback caller is refused.
+    let r = c.get(&gw.url("/remote-only/c")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"], "caller_forbidden");
+    assert_eq!(up.count(), before + 1);
+}
+
+#[tokio::test]
+async fn unidentified_caller_is_forbidden() {
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+[callers.remote]
+addrs = ["10.0.0.0/8"]
+
+[[routes]]
+prefix = "/any"
+upstream = "{u}"
+"#,
+        u = up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let r = Client::new().get(&gw.url("/any/x")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"], "caller_forbidden");
+    assert_eq!(up.count(), 0);
+}
+
+// ---------------------------------------------------------------- broker API
+
+const BROKER_SECRET: &str = "sec-broker-client-secret-77a1";
+
+fn broker_config(idp: &MockIdp, up: &MockUpstream, audit: &Path) -> String {
+    std::env::set_var("SEC_BROKER_SECRET", BROKER_SECRET);
+    std::env::set_var("SEC_REPORTS_KEY", "sec-reports-key-0f3e");
+    format!(
+        r#"
+[providers.crm]
+grant = "client_credentials"
+token_url = "{idp}"
+client_id = "broker-test"
+client_secret_env = "SEC_BROKER_SECRET"
+expose_to = ["reports"]
+
+[providers.erp]
+grant = "client_credentials"
+token_url = "{idp}"
+client_id = "broker-test-2"
+client_secret_env = "SEC_BROKER_SECRET"
+
+[callers.reports]
+key_env = "SEC_REPORTS_KEY"
+
+[callers.billing]
+addrs = ["127.0.0.1/32"]
+
+[[routes]]
+prefix = "/crm"
+upstream = "{up}"
+provider = "crm"
+
+[audit]
+file = "{audit}"
+"#,
+        audit = audit.display(),
+        idp = idp.token_url(),
+        up = up.url()
+    )
+}
+
+#[tokio::test]
+async fn broker_api_hands_out_to_exposed_callers_only() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    // Outside the gateway's folder, which goes away with it.
+    let keep = tempfile::tempdir().unwrap();
+    let audit_path = keep.path().join("audit.log");
+    let gw = TestGateway::start(&broker_config(&idp, &up, &audit_path)).await;
+    gw.ready().await;
+    let c = Client::new();
+    let reports = [("x-authgate-key", "sec-reports-key-0f3e")];
+
+    let r = c
+        .send(
+            Method::GET,
+            &gw.url("/.authgate/token/crm"),
+            &reports,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let j = r.json();
+    let token = j["access_token"].as_str().unwrap().to_owned();
+    assert!(idp.is_valid(&token));
+    assert_eq!(j["token_type"], "Bearer");
+    assert!(j["expires_in"].as_u64().is_some());
+    let mut keys: Vec<_> = j.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["access_token", "expires_in", "token_type"]);
+
+    // Another identified caller: refused.
+    let r = c.get(&gw.url("/.authgate/token/crm")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"], "caller_forbidden");
+    assert!(!r.text().contains(&token));
+
+    // A provider without expose_to: refused to everyone.
+    let r = c
+        .send(
+            Method::GET,
+            &gw.url("/.authgate/token/erp"),
+            &reports,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // A burst: cell reads only, no token request.
+    let before = idp.requests();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let c = c.clone();
+        let url = gw.url("/.authgate/token/crm");
+        tasks.push(tokio::spawn(async move {
+            c.send(
+                Method::GET,
+                &url,
+                &[("x-authgate-key", "sec-reports-key-0f3e")],
+                Bytes::new(),
+            )
+            .await
+            .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(idp.requests(), before);
+
+    gw.stop().await;
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    let handouts: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "token_handout")
+        .collect();
+    assert_eq!(
+        handouts
+            .iter()
+            .filter(|v| v["status"] == 200 && v["caller"] == "reports")
+            .count(),
+        201
+    );
+    assert_eq!(handouts.iter().filter(|v| v["status"] == 403).count(), 2);
+    assert!(!audit.contains(&token));
+}
