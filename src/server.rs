@@ -249,6 +249,7 @@ pin_project_lite::pin_project! {
         timer_at: Instant,
         // The 408 being written, and how much of it went out.
         closing: Option<(Vec<u8>, usize)>,
+        parked_busy: bool,
     }
 }
 
@@ -268,6 +269,7 @@ impl<S> Guarded<S> {
             timer: Box::pin(tokio::time::sleep_until(first)),
             timer_at: first,
             closing: None,
+            parked_busy: false,
         }
     }
 }
@@ -343,8 +345,13 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
                 let deadline = match (*this.head_deadline, busy) {
                     (Some(d), _) => d,
                     (None, false) => *this.last_activity + *this.idle_timeout,
-                    // A request is being served: its own timeouts apply.
-                    (None, true) => return Poll::Pending,
+                    // A request is being served: its own timeouts apply. hyper will
+                    // not poll the read side again until the socket wakes it, so a
+                    // write after the request ends re-polls us to arm the idle timer.
+                    (None, true) => {
+                        *this.parked_busy = true;
+                        return Poll::Pending;
+                    }
                 };
                 if deadline != *this.timer_at {
                     *this.timer_at = deadline;
@@ -366,6 +373,16 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
     }
 }
 
+/// After a write: if the read side parked while a request was in flight and that
+/// request is now done, wake the connection so the read side arms the idle timer.
+fn unpark(parked_busy: &mut bool, state: &ConnState, cx: &mut Context<'_>) {
+    if *parked_busy && state.started.load(Ordering::SeqCst) == state.finished.load(Ordering::SeqCst)
+    {
+        *parked_busy = false;
+        cx.waker().wake_by_ref();
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -381,7 +398,12 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        if r.is_ready() {
+            unpark(this.parked_busy, this.state, cx);
+        }
+        r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

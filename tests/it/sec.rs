@@ -477,3 +477,268 @@ async fn broker_api_hands_out_to_exposed_callers_only() {
     assert_eq!(handouts.iter().filter(|v| v["status"] == 403).count(), 2);
     assert!(!audit.contains(&token));
 }
+
+// ---------------------------------------------------------------- raw sockets
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+struct RawReply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    /// The server closed the connection after this response.
+    closed: bool,
+}
+
+impl RawReply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Reads one response (content-length framed, or up to EOF). `None` when the
+/// server closed without answering.
+async fn read_reply(s: &mut TcpStream) -> Option<RawReply> {
+    let deadline = tokio::time::Duration::from_secs(10);
+    tokio::time::timeout(deadline, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        let len = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        });
+        let mut body = buf[head_end..].to_vec();
+        let mut closed = false;
+        loop {
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        if !closed && head.to_ascii_lowercase().contains("connection: close") {
+            closed = matches!(s.read(&mut chunk).await, Ok(0) | Err(_));
+        }
+        Some(RawReply {
+            status,
+            head,
+            body,
+            closed,
+        })
+    })
+    .await
+    .expect("no answer within 10 s")
+}
+
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<RawReply> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_reply(&mut s).await
+}
+
+// ---------------------------------------------------------------- limits
+
+fn limits_config(up: &MockUpstream, idp: &MockIdp) -> String {
+    limits_config2(up, up, idp)
+}
+
+fn limits_config2(up: &MockUpstream, up_crm: &MockUpstream, idp: &MockIdp) -> String {
+    std::env::set_var("SEC_LIMITS_SECRET", "sec-limits-secret");
+    format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+max_body = "1KiB"
+max_header_size = "4KiB"
+max_headers = 20
+header_timeout = "400ms"
+idle_timeout = "400ms"
+
+[providers.crm]
+grant = "client_credentials"
+token_url = "{idp}"
+client_id = "limits"
+client_secret_env = "SEC_LIMITS_SECRET"
+
+[[routes]]
+prefix = "/open"
+upstream = "{u}"
+
+[[routes]]
+prefix = "/crm"
+upstream = "{c}"
+provider = "crm"
+"#,
+        u = up.url(),
+        c = up_crm.url(),
+        idp = idp.token_url()
+    )
+}
+
+#[tokio::test]
+async fn body_over_max_body_is_413_declared_or_chunked() {
+    let idp = MockIdp::start().await;
+    let open = MockUpstream::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&limits_config2(&open, &up, &idp)).await;
+    gw.ready().await;
+    let c = Client::new();
+
+    for prefix in ["/open", "/crm"] {
+        let r = c
+            .send(
+                Method::POST,
+                &gw.url(&format!("{prefix}/x")),
+                &[],
+                vec![b'a'; 2000],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{prefix}");
+        assert_eq!(r.json()["error"], "body_too_large");
+
+        // Within the limit: served.
+        let r = c
+            .send(
+                Method::POST,
+                &gw.url(&format!("{prefix}/x")),
+                &[],
+                vec![b'a'; 1000],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{prefix}");
+
+        // Chunked, no declared length, growing past the limit: the streaming path
+        // (`/open`, no replay) and the buffering one (`/crm`, replay kept).
+        let chunk = format!("{:x}\r\n{}\r\n", 600, "b".repeat(600));
+        let req = format!(
+            "POST {prefix}/y HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}{chunk}0\r\n\r\n"
+        );
+        let r = raw(gw.addr, req.as_bytes()).await.expect("an answer");
+        assert_eq!(r.status, 413, "{prefix}: {}", r.head);
+        assert_eq!(r.json()["error"], "body_too_large");
+    }
+    // No upstream ever received a whole over-limit body.
+    assert!(up.seen().iter().all(|s| s.body.len() <= 1024));
+    assert!(open.seen().iter().all(|s| s.body.len() <= 1024));
+}
+
+#[tokio::test]
+async fn too_large_or_too_many_headers_are_431() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&limits_config(&up, &idp)).await;
+
+    let big = format!(
+        "GET /open/x HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n",
+        "a".repeat(8 << 10)
+    );
+    let r = raw(gw.addr, big.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+
+    let mut many = String::from("GET /open/x HTTP/1.1\r\nhost: gw\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let r = raw(gw.addr, many.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(up.count(), 0);
+
+    // Within both limits: served.
+    let r = raw(gw.addr, b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn slow_headers_get_408_while_others_are_served() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&limits_config(&up, &idp)).await;
+
+    // A head that starts and stops.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /open/x HTTP/1.1\r\nhost: gw\r\n")
+        .await
+        .unwrap();
+    let r = read_reply(&mut s).await.expect("a 408");
+    assert_eq!(r.status, 408, "{}", r.head);
+    assert_eq!(r.json()["error"], "request_timeout");
+    assert!(r.head.contains("application/json"));
+    assert!(r.closed);
+
+    // Slowloris: a byte at a time, each well within any per-read timeout.
+    let addr = gw.addr;
+    let loris = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "GET /open/x HTTP/1.1\r\nhost: gw\r\nx-slow: {}\r\n\r\n",
+            "z".repeat(200)
+        );
+        for b in head.as_bytes() {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        (read_reply(&mut s).await, started.elapsed())
+    });
+    // Meanwhile a normal caller is served, repeatedly.
+    let c = Client::new();
+    for _ in 0..5 {
+        assert_eq!(c.get(&gw.url("/open/ok")).await.status, StatusCode::OK);
+    }
+    let (reply, took) = loris.await.unwrap();
+    let reply = reply.expect("the slow caller is answered 408");
+    assert_eq!(reply.status, 408);
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "cut at the timeout, not after the whole head: {took:?}"
+    );
+    assert!(up.seen().iter().all(|s| s.uri == "/ok"));
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&limits_config(&up, &idp)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_reply(&mut s).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(!r.closed);
+    }
+    // Then silence: the gateway closes without a response (no request was begun).
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("idle connection closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+}
