@@ -742,3 +742,205 @@ async fn idle_keep_alive_connections_are_closed() {
     assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
     assert!(started.elapsed() >= std::time::Duration::from_millis(300));
 }
+
+// ---------------------------------------------------------------- smuggling
+
+/// An upstream on a raw socket that records every request byte for byte. It frames
+/// requests strictly (CRLF, one content-length or chunked) and answers `200 ok`.
+#[derive(Clone)]
+struct RawUpstream {
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl RawUpstream {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let st = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(req) = Self::one(&mut s, &mut buf).await {
+                        st.lock().unwrap().push(req);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream { addr, seen }
+    }
+
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> Option<()> {
+        let mut chunk = [0u8; 4096];
+        while buf.len() < want {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Some(())
+    }
+
+    async fn until(s: &mut TcpStream, buf: &mut Vec<u8>, from: usize, pat: &[u8]) -> Option<usize> {
+        loop {
+            if let Some(i) = buf[from..].windows(pat.len()).position(|w| w == pat) {
+                return Some(from + i + pat.len());
+            }
+            let want = buf.len() + 1;
+            Self::fill(s, buf, want).await?;
+        }
+    }
+
+    /// One request off the connection, exactly as it arrived.
+    async fn one(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let head_end = Self::until(s, buf, 0, b"\r\n\r\n").await?;
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let cl = head.lines().find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        });
+        let end = if head.contains("\r\ntransfer-encoding: chunked\r\n") {
+            let mut at = head_end;
+            loop {
+                let line_end = Self::until(s, buf, at, b"\r\n").await?;
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&buf[at..line_end - 2]).trim(),
+                    16,
+                )
+                .unwrap();
+                if size == 0 {
+                    break Self::until(s, buf, line_end, b"\r\n").await?;
+                }
+                Self::fill(s, buf, line_end + size + 2).await?;
+                at = line_end + size + 2;
+            }
+        } else {
+            let end = head_end + cl.unwrap_or(0);
+            Self::fill(s, buf, end).await?;
+            end
+        };
+        let req = buf[..end].to_vec();
+        buf.drain(..end);
+        Some(req)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+}
+
+async fn smuggling_setup() -> (RawUpstream, TestGateway) {
+    let up = RawUpstream::start().await;
+    let toml = format!(
+        "[[routes]]\nprefix = \"/raw\"\nupstream = \"http://{}\"\n",
+        up.addr
+    );
+    (up.clone(), TestGateway::start(&toml).await)
+}
+
+#[tokio::test]
+async fn malformed_and_ambiguous_requests_are_refused() {
+    let (up, gw) = smuggling_setup().await;
+    let self_uri = format!("http://{}/raw/x", gw.addr);
+    let shapes: Vec<(&str, String)> = vec![
+        ("duplicate cl", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".into()),
+        ("cl list", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 5, 6\r\n\r\nhello!".into()),
+        ("plus cl", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ncontent-length: +5\r\n\r\nhello".into()),
+        ("negative cl", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ncontent-length: -1\r\n\r\nhello".into()),
+        ("obs-fold", "GET /raw/x HTTP/1.1\r\nhost: gw\r\nx-a: 1\r\n  folded\r\n\r\n".into()),
+        ("te chunked, chunked", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        ("te gzip, chunked", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        ("te twice", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        ("te identity", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: identity\r\n\r\nhello".into()),
+        ("te xchunked", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        ("header without colon", "GET /raw/x HTTP/1.1\r\nhost: gw\r\nx-bad\r\n\r\n".into()),
+        ("space before colon", "GET /raw/x HTTP/1.1\r\nhost: gw\r\nx-a : 1\r\n\r\n".into()),
+        ("space before colon te", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding : chunked\r\ncontent-length: 5\r\n\r\nhello".into()),
+        ("two hosts", "GET /raw/x HTTP/1.1\r\nhost: gw\r\nhost: other\r\n\r\n".into()),
+        ("host differs from absolute uri", format!("GET {self_uri} HTTP/1.1\r\nhost: other.example\r\n\r\n")),
+        ("absolute uri to another host", "GET http://other.example/raw/x HTTP/1.1\r\nhost: other.example\r\n\r\n".into()),
+        ("bad request line", "GET /raw/x HTTP/1.1 extra\r\nhost: gw\r\n\r\n".into()),
+        ("lowercase method version", "GET /raw/x http/1.1\r\nhost: gw\r\n\r\n".into()),
+        ("no version", "GET /raw/x\r\nhost: gw\r\n\r\n".into()),
+        ("space in target", "GET /raw/x y HTTP/1.1\r\nhost: gw\r\n\r\n".into()),
+        ("nul in header", "GET /raw/x HTTP/1.1\r\nhost: gw\r\nx-a: a\0b\r\n\r\n".into()),
+        ("bad chunk size", "POST /raw/x HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into()),
+    ];
+    let mut failures = Vec::new();
+    for (name, req) in &shapes {
+        let r = raw(gw.addr, req.as_bytes()).await;
+        match r {
+            Some(r) if (400..500).contains(&r.status) => {}
+            Some(r) => failures.push(format!("{name}: {}", r.head.lines().next().unwrap_or(""))),
+            None => failures.push(format!("{name}: closed without an answer")),
+        }
+    }
+    assert!(failures.is_empty(), "not refused with a 4xx: {failures:#?}");
+    assert_eq!(
+        up.seen(),
+        Vec::<String>::new(),
+        "the upstream saw something"
+    );
+}
+
+#[tokio::test]
+async fn lenient_shapes_reach_the_upstream_with_one_framing() {
+    let (up, gw) = smuggling_setup().await;
+    let host = up.addr.to_string();
+    // Bare LF line endings: accepted by the parser, re-framed with CRLF.
+    let r = raw(
+        gw.addr,
+        b"POST /raw/lf HTTP/1.1\nhost: gw\nx-request-id: req-lf\ncontent-length: 5\n\nhello",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    // A chunked body re-framed toward the upstream.
+    let r = raw(
+        gw.addr,
+        b"POST /raw/ch HTTP/1.1\r\nhost: gw\r\nx-request-id: req-ch\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(
+        seen[0],
+        format!("POST /lf HTTP/1.1\r\ncontent-length: 5\r\nx-request-id: req-lf\r\nhost: {host}\r\n\r\nhello")
+    );
+    assert_eq!(
+        seen[1],
+        format!("POST /ch HTTP/1.1\r\nx-request-id: req-ch\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n")
+    );
+
+    // Both content-length and chunked (either order): hyper frames by chunked and
+    // drops the content-length (RFC 9112 §6.3), so the upstream sees one framing.
+    for (i, head) in [
+        "content-length: 5\r\ntransfer-encoding: chunked",
+        "transfer-encoding: chunked\r\ncontent-length: 5",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let req = format!("POST /raw/both{i} HTTP/1.1\r\nhost: gw\r\nx-request-id: req-both{i}\r\n{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+        let r = raw(gw.addr, req.as_bytes()).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(
+            up.seen().last().unwrap(),
+            &format!("POST /both{i} HTTP/1.1\r\nx-request-id: req-both{i}\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        );
+    }
+}
