@@ -84,8 +84,15 @@ fn builder(opts: &ServerOpts) -> auto::Builder<TokioExecutor> {
         // `Guarded` enforces the header timeout itself, answering 408 where hyper
         // would only close the connection.
         .header_read_timeout(None)
-        .max_buf_size(opts.max_header_size.max(8192))
-        .max_headers(opts.max_headers)
+        // hyper answers a bare 431 (no body) past these; the service answers the
+        // contract's JSON 431 for heads between the configured limit and this
+        // slack, which covers the usual overshoot.
+        .max_buf_size(opts.max_header_size.saturating_mul(2).max(8192))
+        .max_headers(
+            opts.max_headers
+                .saturating_mul(2)
+                .max(opts.max_headers + 32),
+        )
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -139,6 +146,10 @@ pub async fn serve<H, F>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let limits = (opts.header_timeout, opts.idle_timeout);
+        let head = HeadLimits {
+            max_headers: opts.max_headers,
+            max_size: opts.max_header_size,
+        };
         tokio::spawn(async move {
             let _permit = permit;
             let mut info = ConnInfo {
@@ -149,7 +160,7 @@ pub async fn serve<H, F>(
             match tls {
                 None => {
                     let io = Guarded::new(stream, limits.0, limits.1);
-                    serve_conn(io, Arc::new(info), builder, watcher, handler).await
+                    serve_conn(io, Arc::new(info), head, builder, watcher, handler).await
                 }
                 Some(acceptor) => {
                     // A caller that stalls the handshake is cut like one that
@@ -170,7 +181,7 @@ pub async fn serve<H, F>(
                         stream.get_ref().1.peer_certificates(),
                     ));
                     let io = Guarded::new(stream, limits.0, limits.1);
-                    serve_conn(io, Arc::new(info), builder, watcher, handler).await
+                    serve_conn(io, Arc::new(info), head, builder, watcher, handler).await
                 }
             }
         });
@@ -184,9 +195,31 @@ pub async fn serve<H, F>(
     }
 }
 
+/// The configured head limits, checked on every request (HTTP/1 and HTTP/2).
+#[derive(Debug, Clone, Copy)]
+struct HeadLimits {
+    max_headers: usize,
+    max_size: usize,
+}
+
+impl HeadLimits {
+    fn exceeded(&self, req: &Request<Incoming>) -> bool {
+        let h = req.headers();
+        if h.len() > self.max_headers {
+            return true;
+        }
+        // Roughly the bytes on the wire: "name: value\r\n" per field, plus the
+        // request line.
+        let fields: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+        fields + line > self.max_size
+    }
+}
+
 async fn serve_conn<S, H, F>(
     io: Guarded<S>,
     info: Arc<ConnInfo>,
+    head: HeadLimits,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     handler: H,
@@ -196,10 +229,22 @@ async fn serve_conn<S, H, F>(
     F: Future<Output = Response<GatewayBody>> + Send + 'static,
 {
     let state = io.state.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let fut = handler(req, info.clone());
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
         state.started.fetch_add(1, Ordering::SeqCst);
+        let fut = if head.exceeded(&req) {
+            let id = crate::forward::headers::new_request_id();
+            let mut resp = crate::error::ProxyError::HeadersTooLarge.to_response(
+                id.to_str().unwrap_or_default(),
+                None,
+                None,
+            );
+            resp.headers_mut()
+                .insert(crate::forward::headers::X_REQUEST_ID.clone(), id);
+            futures_util::future::Either::Left(std::future::ready(resp))
+        } else {
+            futures_util::future::Either::Right(handler(req, info.clone()))
+        };
         async move {
             let resp = fut.await;
             state.finished.fetch_add(1, Ordering::SeqCst);

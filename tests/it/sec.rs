@@ -652,6 +652,14 @@ async fn too_large_or_too_many_headers_are_431() {
     );
     let r = raw(gw.addr, big.as_bytes()).await.expect("an answer");
     assert_eq!(r.status, 431, "{}", r.head);
+    // Just over the limit: the contract's JSON body.
+    let over = format!(
+        "GET /open/x HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n",
+        "a".repeat(5 << 10)
+    );
+    let r = raw(gw.addr, over.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(r.json()["error"], "headers_too_large");
 
     let mut many = String::from("GET /open/x HTTP/1.1\r\nhost: gw\r\n");
     for i in 0..40 {
@@ -659,6 +667,14 @@ async fn too_large_or_too_many_headers_are_431() {
     }
     many.push_str("\r\n");
     let r = raw(gw.addr, many.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(r.json()["error"], "headers_too_large");
+    let mut lots = String::from("GET /open/x HTTP/1.1\r\nhost: gw\r\n");
+    for i in 0..200 {
+        lots.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    lots.push_str("\r\n");
+    let r = raw(gw.addr, lots.as_bytes()).await.expect("an answer");
     assert_eq!(r.status, 431, "{}", r.head);
     assert_eq!(up.count(), 0);
 
