@@ -127,7 +127,54 @@ pub fn peer_names(certs: Option<&[CertificateDer<'_>]>) -> Vec<String> {
         return Vec::new();
     };
     match webpki::EndEntityCert::try_from(leaf) {
-        Ok(ee) => ee.valid_dns_names().map(str::to_owned).collect(),
+        Ok(ee) => {
+            let mut names: Vec<String> = ee.valid_dns_names().map(str::to_owned).collect();
+            names.extend(common_names(ee.subject()));
+            names
+        }
         Err(_) => Vec::new(),
     }
+}
+
+/// One DER element at the start of `der`: (tag, contents, rest). Short and long
+/// length forms; anything malformed ends the walk.
+fn der_next(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The commonName attributes (OID 2.5.4.3) of a subject Name's contents (the
+/// SEQUENCE OF RelativeDistinguishedName without its outer tag).
+fn common_names(mut subject: &[u8]) -> Vec<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut out = Vec::new();
+    while let Some((_set, mut rdn, rest)) = der_next(subject) {
+        subject = rest;
+        while let Some((_seq, atv, more)) = der_next(rdn) {
+            rdn = more;
+            let Some((0x06, oid, value)) = der_next(atv) else {
+                continue;
+            };
+            // UTF8String, PrintableString, IA5String.
+            if let (true, Some((0x0c | 0x13 | 0x16, v, _))) = (oid == CN, der_next(value)) {
+                if let Ok(s) = std::str::from_utf8(v) {
+                    out.push(s.to_owned());
+                }
+            }
+        }
+    }
+    out
 }

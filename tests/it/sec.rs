@@ -56,9 +56,18 @@ fn ca(name: &str) -> Ca {
 }
 
 fn leaf(ca: &Ca, names: &[&str], client: bool) -> Leaf {
+    leaf_cn(ca, names, None, client)
+}
+
+fn leaf_cn(ca: &Ca, names: &[&str], cn: Option<&str>, client: bool) -> Leaf {
     let key = KeyPair::generate().unwrap();
     let mut params =
         CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    if let Some(cn) = cn {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+    }
     params.extended_key_usages = vec![if client {
         ExtendedKeyUsagePurpose::ClientAuth
     } else {
@@ -195,10 +204,13 @@ cert_names = ["billing.svc"]
 [callers.reports]
 cert_names = ["reports.svc"]
 
+[callers.legacy]
+cert_names = ["legacy-client"]
+
 [[routes]]
 prefix = "/open"
 upstream = "{u}"
-allow = ["billing"]
+allow = ["billing", "legacy"]
 "#,
         listen = tls_listen(pki.path(), &ca, true),
         u = up.url()
@@ -213,6 +225,14 @@ allow = ["billing"]
         assert_eq!(status, StatusCode::OK, "{body:?}");
     }
     assert_eq!(up.count(), 2);
+
+    // A name only in the subject's CN (no SAN) identifies too.
+    let legacy = leaf_cn(&ca, &[], Some("legacy-client"), true);
+    let (status, _, body) = tls_get(gw.addr, &ca, Some(&legacy), b"http/1.1", "/open/x")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(up.count(), 3);
 
     // A defined caller that the route does not allow.
     let reports = leaf(&ca, &["reports.svc"], true);
@@ -239,7 +259,7 @@ allow = ["billing"]
     assert!(tls_get(gw.addr, &ca, Some(&forged), b"http/1.1", "/open/x")
         .await
         .is_err());
-    assert_eq!(up.count(), 2, "refused callers never reach the upstream");
+    assert_eq!(up.count(), 3, "refused callers never reach the upstream");
 }
 
 // ---------------------------------------------------------------- callers and ACLs
