@@ -246,14 +246,50 @@ async fn serve_conn<S, H, F>(
             futures_util::future::Either::Right(handler(req, info.clone()))
         };
         async move {
-            let resp = fut.await;
-            state.finished.fetch_add(1, Ordering::SeqCst);
+            // The request counts as finished when its response body is done (or
+            // dropped), so a long-streaming response is never taken for idleness.
+            let resp = fut.await.map(|inner| CountedBody { inner, state });
             Ok::<_, Infallible>(resp)
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that marks its request finished when dropped.
+    struct CountedBody {
+        #[pin]
+        inner: GatewayBody,
+        state: Arc<ConnState>,
+    }
+
+    impl PinnedDrop for CountedBody {
+        fn drop(this: Pin<&mut Self>) {
+            this.state.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -768,6 +768,13 @@ async fn idle_keep_alive_connections_are_closed() {
         assert_eq!(r.status, 200);
         assert!(!r.closed);
     }
+    // A slow answer (longer than the idle timeout) is not idleness.
+    s.write_all(b"GET /open/slow/900 HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_reply(&mut s).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(!r.closed);
     // Then silence: the gateway closes without a response (no request was begun).
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 64];
@@ -1310,4 +1317,34 @@ async fn no_secret_in_logs_audit_metrics_status_or_errors() {
     }
     // The logs did capture the scenario (the search ran over something real).
     assert!(!outputs.last().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_for_a_free_slot() {
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nmax_connections = 2\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let req = b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        assert_eq!(read_reply(&mut s).await.unwrap().status, 200);
+        held.push(s);
+    }
+    // The third connection is not accepted while two are open...
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    third.write_all(req).await.unwrap();
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        read_reply(&mut third),
+    )
+    .await;
+    assert!(early.is_err(), "served over the limit");
+    // ...and is served as soon as one closes.
+    drop(held.pop());
+    assert_eq!(read_reply(&mut third).await.unwrap().status, 200);
 }
