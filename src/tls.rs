@@ -178,3 +178,23 @@ fn common_names(mut subject: &[u8]) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_names_from_a_subject_and_garbage_is_harmless() {
+        // SET { SEQ { OID 2.5.4.3, UTF8String "svc" } }, then SET { SEQ { OID 2.5.4.10, "org" } }
+        let subject = [
+            0x31, 0x0c, 0x30, 0x0a, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x03, b's', b'v', b'c',
+            0x31, 0x0c, 0x30, 0x0a, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x03, b'o', b'r', b'g',
+        ];
+        assert_eq!(common_names(&subject), ["svc"]);
+        for cut in 0..subject.len() {
+            let _ = common_names(&subject[..cut]);
+        }
+        assert!(common_names(&[0x31, 0x84, 0xff, 0xff, 0xff, 0xff]).is_empty());
+        assert!(peer_names(None).is_empty());
+    }
+}
