@@ -192,6 +192,33 @@ async fn tls_listener_serves_http1_and_h2_by_alpn() {
 }
 
 #[tokio::test]
+async fn stalled_tls_handshake_is_cut_at_the_header_timeout() {
+    let up = MockUpstream::start().await;
+    let pki = tempfile::tempdir().unwrap();
+    let ca = ca("test CA");
+    let toml = format!(
+        "{}header_timeout = \"300ms\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        tls_listen(pki.path(), &ca, false),
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let started = tokio::time::Instant::now();
+    // Half a ClientHello record header, then nothing.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed at the timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    // Meanwhile the listener still serves.
+    let (status, _, _) = tls_get(gw.addr, &ca, None, b"h2", "/open/x").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn caller_certificates_identify_and_are_required() {
     let up = MockUpstream::start().await;
     let pki = tempfile::tempdir().unwrap();
