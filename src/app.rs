@@ -104,7 +104,8 @@ impl App {
             }
             None => None,
         };
-        let opts = ServerOpts::from_listen(&config.listen);
+        let opts = ServerOpts::from_listen(&config.listen)
+            .map_err(|e| StartError::Invalid(format!("listen: {e}")))?;
         let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())
             .map_err(StartError::Invalid)?;
 

@@ -15,6 +15,12 @@ use hyper::body::Incoming;
 #[error("request body exceeds the configured max_body")]
 pub struct BodyTooLarge;
 
+/// The caller's body broke while streaming to the upstream (bad chunk framing, a
+/// cut connection): the caller's fault, a 400, not an upstream failure.
+#[derive(Debug, thiserror::Error)]
+#[error("request body could not be read")]
+pub struct CallerBodyError(#[source] pub hyper::Error);
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pin_project_lite::pin_project! {
@@ -143,7 +149,9 @@ impl Body for UpstreamBody {
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(Some(Err(e))) => {
+                        Poll::Ready(Some(Err(Box::new(CallerBodyError(e)))))
+                    }
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, WWW_AUTHENTICATE};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, WWW_AUTHENTICATE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -29,7 +29,7 @@ mod broker;
 pub mod client;
 pub mod headers;
 
-use body::{BodyTooLarge, GatewayBody, UpstreamBody};
+use body::{BodyTooLarge, CallerBodyError, GatewayBody, UpstreamBody};
 use headers::{strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID};
 
 /// What the listener knows about the connection a request came on.
@@ -144,6 +144,9 @@ async fn proxy(
         return Err(ProxyError::BadRequest(
             "CONNECT is not supported: authgate is not an open proxy",
         ));
+    }
+    if let Some(why) = ambiguous_framing(&req) {
+        return Err(ProxyError::BadRequest(why));
     }
     if req.version() != Version::HTTP_2
         && req.uri().authority().is_some()
@@ -313,6 +316,39 @@ async fn proxy(
 
 /// An absolute-form request naming the gateway's own address is allowed (some
 /// clients always send absolute-form); any other host is an open-proxy attempt.
+/// Shapes hyper accepts but that another HTTP implementation could frame or route
+/// differently (request smuggling): refused rather than normalized.
+fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    let h = req.headers();
+    let mut te = h.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Some("transfer-encoding other than one \"chunked\"");
+        }
+        if h.contains_key(CONTENT_LENGTH) {
+            return Some("both content-length and transfer-encoding");
+        }
+    }
+    let mut hosts = h.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one host header");
+    }
+    if let (Some(auth), Some(host), false) = (
+        req.uri().authority(),
+        host,
+        req.version() == Version::HTTP_2,
+    ) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(auth.as_str().as_bytes())
+        {
+            return Some("host header differs from the request target");
+        }
+    }
+    None
+}
+
 fn is_self(uri: &Uri, conn: &ConnInfo) -> bool {
     let Some(auth) = uri.authority() else {
         return true;
@@ -438,6 +474,8 @@ async fn send(
         Ok(Err(e)) => {
             if find_in_chain::<BodyTooLarge>(&e).is_some() {
                 Err(ProxyError::BodyTooLarge)
+            } else if find_in_chain::<CallerBodyError>(&e).is_some() {
+                Err(ProxyError::BadRequest("request body could not be read"))
             } else {
                 Err(ProxyError::UpstreamUnreachable(Box::new(e)))
             }

@@ -7,5 +7,6 @@ mod config_errors;
 mod fleet;
 mod forward;
 mod persist;
+mod sec;
 mod tokens;
 mod upstream_tls;
