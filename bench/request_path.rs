@@ -9,6 +9,8 @@
 //! allocations per request is what the gateway adds (its HTTP server and client
 //! included). The store is a `MemoryStore` whose reads are counted.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark program: failing loudly is right
+
 use std::alloc::System;
 use std::convert::Infallible;
 use std::sync::Arc;
