@@ -64,8 +64,8 @@ pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn TokenStore>, StoreError> 
     }
 }
 
-/// What survives a restart for one provider.
-#[derive(Clone, PartialEq, Eq)]
+/// What survives a restart for one provider. `Debug` is safe: `Secret` redacts.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct StoredToken {
     pub access_token: Secret,
     /// `refresh_token` grant: the newest (possibly rotated) refresh token.
@@ -83,20 +83,6 @@ pub struct StoredToken {
     pub fingerprint: String,
 }
 
-impl fmt::Debug for StoredToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoredToken")
-            .field("access_token", &self.access_token)
-            .field("refresh_token", &self.refresh_token)
-            .field("token_type", &self.token_type)
-            .field("scope", &self.scope)
-            .field("expires_at_unix", &self.expires_at_unix)
-            .field("generation", &self.generation)
-            .field("obtained_at_unix", &self.obtained_at_unix)
-            .field("fingerprint", &self.fingerprint)
-            .finish()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

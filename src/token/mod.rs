@@ -361,12 +361,7 @@ impl Provider {
                 Some(rx) => rx.clone(),
                 None if st.retry_at.is_some() => return Err(self.unavailable(&st)),
                 None => {
-                    let trigger = if self.cell.load().is_none() {
-                        Trigger::Startup
-                    } else {
-                        Trigger::Expiry
-                    };
-                    self.launch(&mut st, trigger)
+                    self.launch(&mut st, self.background_trigger())
                 }
             }
         };
@@ -500,6 +495,15 @@ impl Provider {
             }
         };
         wait_outcome(rx, wait).await
+    }
+
+    /// What a refresh not caused by a 401 is: the first fetch, or one for expiry.
+    fn background_trigger(&self) -> Trigger {
+        if self.cell.load().is_none() {
+            Trigger::Startup
+        } else {
+            Trigger::Expiry
+        }
     }
 
     /// Starts a refresh task. Called with the state lock held, so two callers can
@@ -1050,12 +1054,7 @@ impl Provider {
                 match &st.flight {
                     Some(rx) => rx.clone(),
                     None => {
-                        let trigger = if self.cell.load().is_none() {
-                            Trigger::Startup
-                        } else {
-                            Trigger::Expiry
-                        };
-                        self.launch(&mut st, trigger)
+                        self.launch(&mut st, self.background_trigger())
                     }
                 }
             };
