@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use authgate::token::Trigger;
 
+use crate::support::until;
 use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
 
 const DB_ENV: &str = "AUTHGATE_TEST_DATABASE_URL";
@@ -143,21 +144,6 @@ fn setup_env() {
     std::env::set_var("FLEET_CLIENT_SECRET", "fleet-secret");
 }
 
-/// Polls `cond` until it holds, failing the test after `WAIT`.
-async fn until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn generation(gw: &TestGateway) -> Option<u64> {
     gw.provider("crm").current().map(|t| t.generation)

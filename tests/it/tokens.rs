@@ -7,7 +7,7 @@ use futures_util::future::join_all;
 use hyper::{Method, StatusCode};
 
 use crate::support::idp::Failure;
-use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
+use crate::support::{until, Client, MockIdp, MockUpstream, TestGateway};
 
 const SECRET: &str = "cs-very-secret-123";
 
@@ -145,11 +145,7 @@ async fn a_body_over_the_replay_limit_streams_and_its_401_is_returned() {
         "the body streamed through whole"
     );
     // The refresh still happened, for the requests after it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while idp.requests() < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the 401-driven refresh", || async { idp.requests() >= 2 }).await;
     let r = Client::new()
         .send(Method::POST, &gw.url("/crm/upload"), &[], vec![b'z'; 4096])
         .await;
@@ -162,11 +158,7 @@ async fn replay_false_returns_the_401_but_still_refreshes() {
     idp.revoke_all();
     let r = Client::new().get(&gw.url("/crm/x")).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while idp.requests() < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the 401-driven refresh", || async { idp.requests() >= 2 }).await;
     assert_eq!(
         Client::new().get(&gw.url("/crm/x")).await.status,
         StatusCode::OK
@@ -256,11 +248,7 @@ async fn idp_down_fails_fast_with_503_and_bounded_token_requests() {
     assert_eq!(up.count(), 0);
     // Recovery: the background refresher retries with backoff.
     idp.fail_with(None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !gw.provider("crm").is_ready() {
-        assert!(tokio::time::Instant::now() < deadline, "no recovery");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("recovery", || async { gw.provider("crm").is_ready() }).await;
     assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
 }
 

@@ -99,3 +99,17 @@ impl std::io::Write for LogWriter {
         Ok(())
     }
 }
+
+/// Polls `cond` until it holds, failing the test after 20 s. Tests wait on
+/// conditions, never on fixed sleeps.
+pub async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
