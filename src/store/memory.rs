@@ -72,6 +72,12 @@ impl TokenStore for MemoryStore {
         "memory"
     }
 
+    /// A store set failing (also the fallback for an unusable file store) is
+    /// reported as such from the start, not only after its first failed save.
+    fn healthy(&self) -> bool {
+        !self.fail_saves.load(Ordering::Relaxed)
+    }
+
     fn load<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Option<StoredToken>> {
         Box::pin(async move {
             self.loads.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,467 @@
+//! Operations (issue 6): the admin listener, metrics, hot reload, the egress proxy.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hyper::StatusCode;
+
+use crate::support::idp::Failure;
+use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
+
+const SECRET: &str = "ops-client-secret-do-not-leak";
+
+/// One client-credentials provider `crm` and a route `crm` to `up`, with an admin
+/// listener.
+fn cc_config(idp: &MockIdp, up: &MockUpstream) -> String {
+    std::env::set_var("OPS_CLIENT_SECRET", SECRET);
+    format!(
+        r#"
+[admin]
+addr = "127.0.0.1:0"
+
+[providers.crm]
+grant = "client_credentials"
+token_url = "{t}"
+client_id = "ops"
+client_secret_env = "OPS_CLIENT_SECRET"
+min_refresh_interval = "0s"
+
+[[routes]]
+name = "crm"
+prefix = "/crm"
+upstream = "{u}"
+provider = "crm"
+"#,
+        t = idp.token_url(),
+        u = up.url()
+    )
+}
+
+/// Polls `cond` every 20 ms until it holds; fails after `secs`.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A small parser for the Prometheus text exposition format (and OpenMetrics,
+// its superset for what we emit): `name{label="value",...} value`.
+
+#[derive(Debug, Default)]
+struct Scrape {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut s = Scrape::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split_whitespace();
+                let (n, t) = (it.next().unwrap(), it.next().unwrap());
+                s.types.insert(n.to_owned(), t.to_owned());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name, labels, rest) = match line.find('{') {
+                Some(open) => {
+                    let close = line.rfind('}').expect("unclosed label set");
+                    (
+                        &line[..open],
+                        parse_labels(&line[open + 1..close]),
+                        &line[close + 1..],
+                    )
+                }
+                None => {
+                    let sp = line.find(' ').expect("sample without value");
+                    (&line[..sp], BTreeMap::new(), &line[sp..])
+                }
+            };
+            let value = rest.split_whitespace().next().expect("no value");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in {line:?}"
+            );
+            s.samples.push((name.to_owned(), labels, value));
+        }
+        s
+    }
+
+    /// The value of the one sample `name` whose labels include `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?} is ambiguous: {found:?}"
+        );
+        found.first().copied()
+    }
+
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+    }
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return out;
+        }
+        assert_eq!(chars.next(), Some('"'), "label value not quoted in {s:?}");
+        let mut value = String::new();
+        loop {
+            match chars.next().expect("unterminated label value") {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => panic!("dangling escape"),
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim().to_owned(), value);
+    }
+}
+
+async fn scrape(c: &Client, gw: &TestGateway) -> Scrape {
+    let r = c.get(&gw.admin_url("/metrics")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    Scrape::parse(&r.text())
+}
+
+// ---------------------------------------------------------------------------
+// Admin endpoints
+
+#[tokio::test]
+async fn admin_healthz_is_200_and_unknown_paths_404() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up)).await;
+    let c = Client::new();
+    let r = c.get(&gw.admin_url("/healthz")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "ok");
+    assert_eq!(
+        c.get(&gw.admin_url("/nope")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // The admin listener is not a route to upstreams, and the main one has no admin.
+    assert_eq!(
+        c.get(&gw.admin_url("/crm/x")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_503_naming_the_provider_while_the_idp_is_down_then_200() {
+    let idp = MockIdp::start().await;
+    idp.fail_with(Some(Failure::Status(503, "{}".into())));
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up)).await;
+    let c = Client::new();
+
+    // The first fetch fails (the IdP answers 503 from the start).
+    eventually(10, "a failed token request", || async {
+        idp.requests() >= 1
+    })
+    .await;
+    let r = c.get(&gw.admin_url("/readyz")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["provider"], "crm", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("crm"), "{body}");
+    assert_eq!(body["store"], "ok");
+
+    // The refresher retries with backoff; once the IdP recovers, ready.
+    idp.fail_with(None);
+    eventually(20, "/readyz 200 after the IdP recovered", || async {
+        c.get(&gw.admin_url("/readyz")).await.status == StatusCode::OK
+    })
+    .await;
+    let body = c.get(&gw.admin_url("/readyz")).await.json();
+    assert_eq!(body["store"], "ok");
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_reports_a_failing_store_without_failing_readiness() {
+    std::env::set_var("OPS_STATIC", "static-ops-secret");
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+[admin]
+addr = "127.0.0.1:0"
+
+[store]
+kind = "file"
+path = "/proc/self/x/tokens.json"
+
+[providers.s]
+grant = "static"
+token_env = "OPS_STATIC"
+
+[[routes]]
+prefix = "/s"
+upstream = "{u}"
+provider = "s"
+"#,
+        u = up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    gw.ready().await;
+    let c = Client::new();
+    let r = c.get(&gw.admin_url("/readyz")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["store"], "failing");
+    let st = c.get(&gw.admin_url("/status")).await.json();
+    assert_eq!(st["store"]["state"], "failing", "{st}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn status_shows_each_provider_and_route_without_secrets() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up)).await;
+    gw.ready().await;
+    let c = Client::new();
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+
+    let r = c.get(&gw.admin_url("/status")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = r.text();
+    let token = gw.provider("crm").current().unwrap();
+    assert!(!text.contains(token.access_token.expose()), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
+    let body = r.json();
+    let p = &body["providers"]["crm"];
+    assert_eq!(p["generation"], token.generation, "{body}");
+    assert_eq!(p["ready"], true);
+    let exp = p["expires_in_s"].as_u64().unwrap();
+    assert!((3000..=3600).contains(&exp), "{exp}");
+    assert!(!p["last_refresh"].is_null(), "{body}");
+    assert!(p["refreshes_ok"].as_u64().unwrap() >= 1, "{body}");
+    assert_eq!(p["refreshes_failed"], 0);
+    assert_eq!(body["routes"][0]["name"], "crm");
+    assert_eq!(body["routes"][0]["provider"], "crm");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_expose_the_contract_names_from_startup_and_move() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&cc_config(&idp, &up)).await;
+    gw.ready().await;
+    let c = Client::new();
+
+    let r = c.get(&gw.admin_url("/metrics")).await;
+    let ct = r.header("content-type").unwrap_or_default().to_owned();
+    assert!(
+        ct.starts_with("application/openmetrics-text") || ct.starts_with("text/plain"),
+        "{ct}"
+    );
+    let m = Scrape::parse(&r.text());
+    // Counters appear as `<name>_total`, at 0 before any request.
+    for (name, ty) in [
+        ("authgate_requests", "counter"),
+        ("authgate_request_duration_seconds", "histogram"),
+        ("authgate_token_refreshes", "counter"),
+        ("authgate_refresh_waiters", "counter"),
+        ("authgate_replays", "counter"),
+        ("authgate_token_expiry_seconds", "gauge"),
+        ("authgate_store_errors", "counter"),
+        ("authgate_config_reloads", "counter"),
+    ] {
+        assert_eq!(m.types.get(name).map(String::as_str), Some(ty), "{name}");
+    }
+    let crm = [("route", "crm")];
+    assert_eq!(
+        m.value(
+            "authgate_requests_total",
+            &[("route", "crm"), ("status", "200")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.value("authgate_request_duration_seconds_count", &crm),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_request_duration_seconds_bucket",
+            &[("route", "crm"), ("le", "+Inf")]
+        ),
+        0.0
+    );
+    for outcome in ["ok", "unauthorized", "skipped"] {
+        assert_eq!(
+            m.value(
+                "authgate_replays_total",
+                &[("route", "crm"), ("outcome", outcome)]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        m.value("authgate_refresh_waiters_total", &[("provider", "crm")]),
+        0.0
+    );
+    assert_eq!(m.value("authgate_store_errors_total", &[]), 0.0);
+    assert_eq!(
+        m.value("authgate_config_reloads_total", &[("outcome", "ok")]),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_token_refreshes_total",
+            &[
+                ("provider", "crm"),
+                ("trigger", "unauthorized"),
+                ("outcome", "ok")
+            ]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_token_refreshes_total",
+            &[
+                ("provider", "crm"),
+                ("trigger", "startup"),
+                ("outcome", "ok")
+            ]
+        ),
+        1.0
+    );
+    let expiry = m.value("authgate_token_expiry_seconds", &[("provider", "crm")]);
+    assert!((3000.0..=3600.0).contains(&expiry), "{expiry}");
+
+    // Requests move the request counter (numeric status label) and the histogram.
+    for _ in 0..3 {
+        assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        c.get(&gw.url("/crm/status/404")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // A revoked token: 401, refresh (trigger unauthorized), replay ok.
+    idp.revoke_all();
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+
+    let m = scrape(&c, &gw).await;
+    assert_eq!(
+        m.value(
+            "authgate_requests_total",
+            &[("route", "crm"), ("status", "200")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_requests_total",
+            &[("route", "crm"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value("authgate_request_duration_seconds_count", &crm),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_request_duration_seconds_bucket",
+            &[("route", "crm"), ("le", "+Inf")]
+        ),
+        5.0
+    );
+    assert!(m.value("authgate_request_duration_seconds_sum", &crm) > 0.0);
+    assert_eq!(
+        m.value(
+            "authgate_replays_total",
+            &[("route", "crm"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "authgate_token_refreshes_total",
+            &[
+                ("provider", "crm"),
+                ("trigger", "unauthorized"),
+                ("outcome", "ok")
+            ]
+        ),
+        1.0
+    );
+    // Nothing secret in the exposition.
+    let text = c.get(&gw.admin_url("/metrics")).await.text();
+    assert!(!text.contains("tok-") && !text.contains(SECRET), "{text}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_store_errors() {
+    std::env::set_var("OPS_STATIC", "static-ops-secret");
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml =
+        cc_config(&idp, &up) + "\n[store]\nkind = \"file\"\npath = \"/proc/self/x/tokens.json\"\n";
+    let gw = TestGateway::start(&toml).await;
+    gw.ready().await;
+    let c = Client::new();
+    // The refresh's write to the failing store is counted.
+    eventually(10, "a counted store error", || async {
+        scrape(&c, &gw)
+            .await
+            .value("authgate_store_errors_total", &[])
+            >= 1.0
+    })
+    .await;
+    gw.stop().await;
+}
