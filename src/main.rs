@@ -29,7 +29,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve (the default)
-    Run,
+    Run {
+        /// Do not reload when the config file changes (SIGHUP still reloads)
+        #[arg(long)]
+        no_watch: bool,
+    },
     /// Validate the config and print the routes; exit 0 when valid, 2 when not
     Check,
     /// Obtain a token once through PROVIDER and print its metadata
@@ -70,9 +74,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => check(&config),
-        Command::Run => with_runtime(&config, run(config.clone(), path)),
+        Command::Run { no_watch } => with_runtime(&config, run(config.clone(), path, !no_watch)),
         Command::Token { provider, reveal } => {
             with_runtime(&config, token(config.clone(), provider, reveal))
         }
@@ -118,7 +122,7 @@ fn check(config: &Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
+async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
     let app = match authgate::App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -126,7 +130,19 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    // Reload on file change on every platform (the only trigger on Windows).
+    let watcher = match watch.then(|| app.watch_config(&path)) {
+        None => None,
+        Some(Ok(task)) => Some(task),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, config = %path.display(), "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
     wait_for_signals(&app, &path).await;
+    if let Some(task) = watcher {
+        task.abort();
+    }
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
     tracing::info!("stopped");

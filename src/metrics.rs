@@ -148,7 +148,7 @@ impl Metrics {
         let audit_dropped = Counter::default();
         let reloads = Family::<OutcomeLabel, Counter>::default();
         for outcome in ["ok", "error"] {
-            reloads.get_or_create(&OutcomeLabel {
+            let _ = reloads.get_or_create_owned(&OutcomeLabel {
                 outcome: outcome.to_owned(),
             });
         }

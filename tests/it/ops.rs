@@ -465,3 +465,242 @@ async fn metrics_count_store_errors() {
     .await;
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Hot reload
+
+/// The config body the reload tests swap between: provider `crm` unchanged, route
+/// `crm` to `crm_up`, and optionally a credential-less route `open` to `open_up`.
+fn reload_config(idp: &MockIdp, crm_up: &MockUpstream, open_up: Option<&MockUpstream>) -> String {
+    let mut text = cc_config(idp, crm_up);
+    if let Some(o) = open_up {
+        text.push_str(&format!(
+            "\n[[routes]]\nname = \"open\"\nprefix = \"/open\"\nupstream = \"{}\"\n",
+            o.url()
+        ));
+    }
+    text
+}
+
+/// Rewrites the gateway's config file the way `TestGateway::start` wrote it. With
+/// `atomic`, like an editor: write a temporary file and rename it over.
+fn rewrite(gw: &TestGateway, body: &str, atomic: bool) {
+    let text = format!("[listen]\naddr = \"127.0.0.1:0\"\n{body}\n[store]\nkind = \"memory\"\n");
+    if atomic {
+        let tmp = gw.dir.path().join(".proxy.toml.swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &gw.config_path).unwrap();
+    } else {
+        std::fs::write(&gw.config_path, text).unwrap();
+    }
+}
+
+async fn reloads(c: &Client, gw: &TestGateway, outcome: &str) -> f64 {
+    scrape(c, gw)
+        .await
+        .value("authgate_config_reloads_total", &[("outcome", outcome)])
+}
+
+#[tokio::test]
+async fn reload_adds_a_route_moves_an_upstream_and_keeps_unchanged_providers() {
+    let idp = MockIdp::start().await;
+    let up1 = MockUpstream::with_idp(&idp).await;
+    let up2 = MockUpstream::with_idp(&idp).await;
+    let open = MockUpstream::start().await;
+    let gw = TestGateway::start(&reload_config(&idp, &up1, None)).await;
+    gw.ready().await;
+    let c = Client::new();
+    assert_eq!(c.get(&gw.url("/crm/a")).await.status, StatusCode::OK);
+    assert_eq!(up1.count(), 1);
+    assert_eq!(
+        c.get(&gw.url("/open/a")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let generation = gw.provider("crm").current().unwrap().generation;
+    let idp_requests = idp.requests();
+
+    rewrite(&gw, &reload_config(&idp, &up2, Some(&open)), false);
+    gw.app().reload(&gw.config_path).unwrap();
+
+    assert_eq!(c.get(&gw.url("/crm/b")).await.status, StatusCode::OK);
+    assert_eq!(up2.count(), 1, "the changed upstream gets the request");
+    assert_eq!(up1.count(), 1);
+    assert_eq!(c.get(&gw.url("/open/c")).await.status, StatusCode::OK);
+    assert_eq!(open.last().uri, "/c");
+    assert_eq!(gw.provider("crm").current().unwrap().generation, generation);
+    assert_eq!(
+        idp.requests(),
+        idp_requests,
+        "an unchanged provider keeps its token"
+    );
+    assert_eq!(reloads(&c, &gw, "ok").await, 1.0);
+    assert_eq!(reloads(&c, &gw, "error").await, 0.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn reload_rejects_an_invalid_file_with_the_check_message_and_keeps_serving() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&reload_config(&idp, &up, None)).await;
+    gw.ready().await;
+    let c = Client::new();
+
+    let broken =
+        reload_config(&idp, &up, None).replace("provider = \"crm\"\n", "provider = \"crn\"\n");
+    rewrite(&gw, &broken, false);
+    let err = gw.app().reload(&gw.config_path).unwrap_err();
+    let check = authgate::Config::load(&gw.config_path)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, check);
+    assert!(err.contains("proxy.toml:") && err.contains("crn"), "{err}");
+
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+    assert_eq!(reloads(&c, &gw, "error").await, 1.0);
+    assert_eq!(reloads(&c, &gw, "ok").await, 0.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_by_the_watcher() {
+    let idp = MockIdp::start().await;
+    let up1 = MockUpstream::with_idp(&idp).await;
+    let up2 = MockUpstream::with_idp(&idp).await;
+    let gw = TestGateway::start(&reload_config(&idp, &up1, None)).await;
+    gw.ready().await;
+    let open = MockUpstream::start().await;
+    let watcher = gw.app().watch_config(&gw.config_path).unwrap();
+    let c = Client::new();
+    let generation = gw.provider("crm").current().unwrap().generation;
+
+    // Editor-style save (rename over): the new route becomes routable.
+    rewrite(&gw, &reload_config(&idp, &up2, Some(&open)), true);
+    eventually(10, "the new route after a file change", || async {
+        c.get(&gw.url("/open/x")).await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+    assert_eq!(up2.count(), 1);
+
+    // In-place write of an invalid file: rejected, the running config stays.
+    rewrite(&gw, "[[routes]]\nprefix = \"nope\"\n", false);
+    eventually(10, "the invalid file to be rejected", || async {
+        reloads(&c, &gw, "error").await >= 1.0
+    })
+    .await;
+    assert_eq!(c.get(&gw.url("/open/y")).await.status, StatusCode::OK);
+    assert_eq!(c.get(&gw.url("/crm/y")).await.status, StatusCode::OK);
+    assert_eq!(gw.provider("crm").current().unwrap().generation, generation);
+    watcher.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_concurrent_load_fail_no_request() {
+    let idp = MockIdp::start().await;
+    let up1 = MockUpstream::with_idp(&idp).await;
+    let up2 = MockUpstream::with_idp(&idp).await;
+    let open = MockUpstream::start().await;
+    let gw = TestGateway::start(&reload_config(&idp, &up1, None)).await;
+    gw.ready().await;
+
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let url = gw.url("/crm/load");
+        load.push(tokio::spawn(async move {
+            let c = Client::new();
+            let mut failed = 0;
+            for _ in 0..200 {
+                if c.get(&url).await.status != StatusCode::OK {
+                    failed += 1;
+                }
+            }
+            failed
+        }));
+    }
+    for i in 0..10 {
+        let up = if i % 2 == 0 { &up2 } else { &up1 };
+        rewrite(&gw, &reload_config(&idp, up, Some(&open)), false);
+        gw.app().reload(&gw.config_path).unwrap();
+        tokio::task::yield_now().await;
+    }
+    let mut failed = 0;
+    for t in load {
+        failed += t.await.unwrap();
+    }
+    assert_eq!(failed, 0);
+    assert_eq!(up1.count() + up2.count(), 800);
+    let c = Client::new();
+    assert_eq!(reloads(&c, &gw, "ok").await, 10.0);
+    assert_eq!(idp.requests(), 1, "the provider was never rebuilt");
+    gw.stop().await;
+}
+
+/// The real binary: SIGHUP reloads, SIGTERM drains and exits 0.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
+    let up = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n[store]\nkind = \"memory\"\n\n[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, &base).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .arg("run")
+        .arg("--no-watch")
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    eventually(20, "the binary to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let c = Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    assert_eq!(c.get(&url("/a/x")).await.status, StatusCode::OK);
+    assert_eq!(c.get(&url("/b/x")).await.status, StatusCode::NOT_FOUND);
+
+    std::fs::write(
+        &path,
+        format!(
+            "{base}\n[[routes]]\nname = \"b\"\nprefix = \"/b\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let kill = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    kill("-HUP");
+    eventually(10, "the route added by SIGHUP", || async {
+        c.get(&url("/b/x")).await.status == StatusCode::OK
+    })
+    .await;
+
+    kill("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("no exit within 20 s after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
