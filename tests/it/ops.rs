@@ -704,3 +704,35 @@ async fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+// ---------------------------------------------------------------------------
+// Logs
+
+/// Nothing is logged per successful request (the audit log has those); errors are.
+#[tokio::test]
+async fn successful_requests_log_nothing_and_errors_log_one_line() {
+    let logs = crate::support::captured_logs();
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[[routes]]\nname = \"quietroute\"\nprefix = \"/quiet\"\nupstream = \"{}\"\n\n[[routes]]\nname = \"deadroute\"\nprefix = \"/dead\"\nupstream = \"http://127.0.0.1:9\"\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let c = Client::new();
+    for _ in 0..5 {
+        assert_eq!(c.get(&gw.url("/quiet/x")).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        c.get(&gw.url("/dead/x")).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let quiet: Vec<&str> = text.lines().filter(|l| l.contains("quietroute")).collect();
+    assert!(quiet.is_empty(), "{quiet:#?}");
+    let dead = text
+        .lines()
+        .filter(|l| l.contains("deadroute") && l.contains("WARN"))
+        .count();
+    assert_eq!(dead, 1, "{text}");
+    gw.stop().await;
+}
