@@ -10,6 +10,7 @@ pub mod app;
 pub mod audit;
 pub mod caller;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod gateway;

@@ -191,6 +191,13 @@ async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
         metrics: metrics.provider(&name),
         audit: None,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        proxy: match authgate::egress::EgressProxy::from_config(&config.outbound) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{}: {e}", config.path.display());
+                return ExitCode::from(2);
+            }
+        },
     };
     let provider = match authgate::token::Provider::new(pcfg, deps) {
         Ok(p) => p,

@@ -736,3 +736,232 @@ async fn successful_requests_log_nothing_and_errors_log_one_line() {
     assert_eq!(dead, 1, "{text}");
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Corporate egress proxy
+
+/// What the in-process proxy saw: request lines (`CONNECT host:port HTTP/1.1` or
+/// `GET http://host:port/path HTTP/1.1`) and their `Proxy-Authorization`.
+#[derive(Debug, Clone, Default)]
+struct ProxyLog(std::sync::Arc<std::sync::Mutex<Vec<Seen>>>);
+
+/// A request line and its `Proxy-Authorization`.
+type Seen = (String, Option<String>);
+
+impl ProxyLog {
+    fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect()
+    }
+    fn auths(&self) -> Vec<Option<String>> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+}
+
+/// A minimal forward proxy: CONNECT tunnels, and absolute-form requests relayed to
+/// their host. Records each connection's first request line.
+async fn start_proxy() -> (std::net::SocketAddr, ProxyLog) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = ProxyLog::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = client.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let line = text.lines().next().unwrap_or_default().to_owned();
+                let auth = text.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("proxy-authorization")
+                        .then(|| v.trim().to_owned())
+                });
+                seen.0.lock().unwrap().push((line.clone(), auth));
+                let mut parts = line.split(' ');
+                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                if method == "CONNECT" {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                } else {
+                    let uri: hyper::Uri = target.parse().unwrap();
+                    let host = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap_or(80));
+                    let mut up = tokio::net::TcpStream::connect(host).await.unwrap();
+                    up.write_all(&head).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+#[tokio::test]
+async fn with_proxy_credentials_upstream_and_token_endpoint_are_tunnelled() {
+    std::env::set_var("OPS_PROXY_PASSWORD", "proxy-pw-1");
+    let (proxy, log) = start_proxy().await;
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = cc_config(&idp, &up)
+        + &format!(
+            "\n[outbound]\nproxy = \"http://{proxy}\"\nproxy_username = \"svc\"\nproxy_password_env = \"OPS_PROXY_PASSWORD\"\n"
+        );
+    let gw = TestGateway::start(&toml).await;
+    gw.ready().await;
+    let c = Client::new();
+    let r = c.get(&gw.url("/crm/through")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(up.last().uri, "/through");
+
+    let lines = log.lines();
+    assert!(
+        lines.contains(&format!("CONNECT {} HTTP/1.1", idp.addr)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&format!("CONNECT {} HTTP/1.1", up.addr)),
+        "{lines:?}"
+    );
+    use base64::Engine;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("svc:proxy-pw-1")
+    );
+    assert!(
+        log.auths()
+            .iter()
+            .all(|a| a.as_deref() == Some(expected.as_str())),
+        "{:?}",
+        log.auths()
+    );
+    // The proxy password is no more visible than any other secret.
+    let status = c.get(&gw.admin_url("/status")).await.text();
+    assert!(!status.contains("proxy-pw-1"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_goes_in_absolute_form_and_no_proxy_goes_direct() {
+    let (proxy, log) = start_proxy().await;
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let direct = MockUpstream::start().await;
+    let toml = cc_config(&idp, &up)
+        + &format!(
+            "\n[[routes]]\nname = \"direct\"\nprefix = \"/direct\"\nupstream = \"http://localhost:{}\"\n\n[outbound]\nproxy = \"http://{proxy}\"\nno_proxy = [\"localhost\"]\n",
+            direct.addr.port()
+        );
+    let gw = TestGateway::start(&toml).await;
+    gw.ready().await;
+    let c = Client::new();
+    assert_eq!(c.get(&gw.url("/crm/abs?q=1")).await.status, StatusCode::OK);
+    assert_eq!(c.get(&gw.url("/direct/d")).await.status, StatusCode::OK);
+    assert_eq!(direct.last().uri, "/d");
+
+    let lines = log.lines();
+    assert!(
+        lines.contains(&format!("POST http://{}/token HTTP/1.1", idp.addr)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&format!("GET http://{}/abs?q=1 HTTP/1.1", up.addr)),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("localhost")), "{lines:?}");
+    assert!(log.auths().iter().all(Option::is_none));
+    gw.stop().await;
+}
+
+/// An https upstream with its own CA, on `localhost`.
+async fn start_tls_upstream(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let ca = dir.join("upstream-ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("tls-upstream saw {}", req.uri());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            crate::support::full(body),
+                        ))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, ca)
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_through_a_connect_tunnel() {
+    let (proxy, log) = start_proxy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ca) = start_tls_upstream(dir.path()).await;
+    let toml = format!(
+        "[[routes]]\nname = \"tls\"\nprefix = \"/tls\"\nupstream = \"https://localhost:{port}\"\nca = \"{}\"\n\n[outbound]\nproxy = \"http://{proxy}\"\n",
+        ca.display()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let c = Client::new();
+    let r = c.get(&gw.url("/tls/secure")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "tls-upstream saw /secure");
+    assert_eq!(
+        log.lines(),
+        vec![format!("CONNECT localhost:{port} HTTP/1.1")]
+    );
+    gw.stop().await;
+}
