@@ -123,6 +123,7 @@ fn check(config: &Config) -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
+    let signals = Signals::install();
     let app = match authgate::App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -139,7 +140,7 @@ async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
             None
         }
     };
-    wait_for_signals(&app, &path).await;
+    signals.wait(&app, &path).await;
     if let Some(task) = watcher {
         task.abort();
     }
@@ -149,30 +150,50 @@ async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Returns on SIGTERM / Ctrl-C; reloads the config on SIGHUP.
-#[cfg(unix)]
-async fn wait_for_signals(app: &authgate::App, path: &std::path::Path) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => { let _ = app.reload(path); }
-        }
-    }
+/// The process signals, installed before the listeners open: a SIGHUP that
+/// arrives between "listening" and the handler would otherwise kill the process
+/// (its default action).
+struct Signals {
+    #[cfg(unix)]
+    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signals(_app: &authgate::App, _path: &std::path::Path) {
-    let _ = tokio::signal::ctrl_c().await;
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let unix = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(term), Ok(hup)) => Some((term, hup)),
+                _ => {
+                    tracing::error!("cannot install signal handlers");
+                    None
+                }
+            };
+            Signals { unix }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Returns on SIGTERM / Ctrl-C; reloads the config on SIGHUP.
+    async fn wait(self, app: &authgate::App, path: &std::path::Path) {
+        #[cfg(unix)]
+        if let Some((mut term, mut hup)) = self.unix {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return,
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = hup.recv() => { let _ = app.reload(path); }
+                }
+            }
+        }
+        let _ = (app, path);
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn token(config: Config, name: String, reveal: bool) -> ExitCode {

@@ -641,15 +641,11 @@ async fn reloads_under_concurrent_load_fail_no_request() {
 #[cfg(unix)]
 #[tokio::test]
 async fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
+    use tokio::io::AsyncBufReadExt;
     let up = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let base = format!(
-        "[listen]\naddr = \"127.0.0.1:{port}\"\n[store]\nkind = \"memory\"\n\n[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"{}\"\n",
+        "[listen]\naddr = \"127.0.0.1:0\"\n[store]\nkind = \"memory\"\n\n[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"{}\"\n",
         up.url()
     );
     let path = dir.path().join("proxy.toml");
@@ -657,20 +653,36 @@ async fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_authgate"))
         .arg("run")
         .arg("--no-watch")
+        .arg("--log-format")
+        .arg("json")
         .arg("--config")
         .arg(&path)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let pid = child.id().unwrap().to_string();
-    eventually(20, "the binary to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
+    // Port 0 in the config; the start-up log line says where it listens (picking
+    // a free port here and passing it would race with other tests' listeners).
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "authgate listening" {
+                let addr: std::net::SocketAddr =
+                    v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                return addr.port();
+            }
+        }
+        panic!("the binary exited before listening");
     })
-    .await;
+    .await
+    .expect("the binary did not listen within 20 s");
+    // Keep draining its logs so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let c = Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     assert_eq!(c.get(&url("/a/x")).await.status, StatusCode::OK);
