@@ -229,9 +229,10 @@ const RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(30
 /// Loads and validates `path` exactly like `check`, then swaps it in; counted and
 /// logged either way.
 fn reload_from(gateway: &Gateway, path: &Path) -> Result<(), String> {
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|c| gateway.reload(c));
+    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        warn_restart_only(&gateway.snapshot().config, &c);
+        gateway.reload(c)
+    });
     gateway.metrics.reload(result.is_ok());
     match &result {
         Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
@@ -240,6 +241,27 @@ fn reload_from(gateway: &Gateway, path: &Path) -> Result<(), String> {
         }
     }
     result
+}
+
+/// Sections bound at start-up (sockets, the store, the audit file) keep running
+/// as they are; say so rather than let an operator believe they changed.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let changed: Vec<&str> = [
+        ("listen", old.listen != new.listen),
+        ("admin", old.admin != new.admin),
+        ("store", old.store != new.store),
+        ("audit", old.audit != new.audit),
+        ("runtime", old.runtime != new.runtime),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
+    if !changed.is_empty() {
+        tracing::warn!(
+            sections = %changed.join(", "),
+            "these sections changed but take effect only after a restart"
+        );
+    }
 }
 
 fn opts_addr(gw: &Gateway) -> SocketAddr {
