@@ -153,17 +153,61 @@ impl App {
 
     /// Re-reads the config file and swaps it in; the running config stays on error.
     pub fn reload(&self, path: &Path) -> Result<(), String> {
-        let result = Config::load(path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| self.gateway.reload(c));
-        self.gateway.metrics.reload(result.is_ok());
-        match &result {
-            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "configuration rejected; keeping the running one")
+        reload_from(&self.gateway, path)
+    }
+
+    /// Reloads whenever the config file changes (debounced), until shutdown. The
+    /// folder is watched, not the file: editors and config managers replace the
+    /// file (write a temporary, rename it over), which ends a watch on the file
+    /// itself. Kubernetes ConfigMap mounts swap a `..data` symlink instead, so a
+    /// change to that name counts too.
+    pub fn watch_config(&self, path: &Path) -> Result<JoinHandle<()>, notify::Error> {
+        use notify::Watcher;
+
+        let path = path.to_path_buf();
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let name = path.file_name().map(|n| n.to_os_string());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let Ok(ev) = ev else { return };
+            if ev.kind.is_access() {
+                return;
             }
-        }
-        result
+            let ours = ev.paths.iter().any(|p| {
+                let n = p.file_name();
+                n == name.as_deref() || n == Some(std::ffi::OsStr::new("..data"))
+            });
+            if ours {
+                let _ = tx.send(());
+            }
+        })?;
+        watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
+        let gateway = self.gateway.clone();
+        let shutdown = self.shutdown.clone();
+        tracing::info!(config = %path.display(), "watching the config file for changes");
+        Ok(tokio::spawn(async move {
+            // Owned by the task: dropping it stops the OS watch.
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    ev = rx.recv() => if ev.is_none() { return },
+                }
+                // A save is often several events (truncate, write, rename): wait
+                // for a quiet spell so the file is read once, complete.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RELOAD_DEBOUNCE) => break,
+                        ev = rx.recv() => if ev.is_none() { return },
+                    }
+                }
+                let _ = reload_from(&gateway, &path);
+            }
+        }))
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -187,6 +231,47 @@ impl App {
             // tasks hold clones until they observe the cancellation.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
         }
+    }
+}
+
+/// Quiet time after the last file event before the config is re-read.
+const RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Loads and validates `path` exactly like `check`, then swaps it in; counted and
+/// logged either way.
+fn reload_from(gateway: &Gateway, path: &Path) -> Result<(), String> {
+    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        warn_restart_only(&gateway.snapshot().config, &c);
+        gateway.reload(c)
+    });
+    gateway.metrics.reload(result.is_ok());
+    match &result {
+        Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "configuration rejected; keeping the running one")
+        }
+    }
+    result
+}
+
+/// Sections bound at start-up (sockets, the store, the audit file) keep running
+/// as they are; say so rather than let an operator believe they changed.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let changed: Vec<&str> = [
+        ("listen", old.listen != new.listen),
+        ("admin", old.admin != new.admin),
+        ("store", old.store != new.store),
+        ("audit", old.audit != new.audit),
+        ("runtime", old.runtime != new.runtime),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
+    if !changed.is_empty() {
+        tracing::warn!(
+            sections = %changed.join(", "),
+            "these sections changed but take effect only after a restart"
+        );
     }
 }
 

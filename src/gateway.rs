@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::AuditSink;
 use crate::caller::Callers;
 use crate::config::{Config, RouteConfig, UpstreamTls};
+use crate::egress::EgressProxy;
 use crate::forward::body::UpstreamBody;
 use crate::forward::client::{self, HttpClient};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -169,9 +170,14 @@ fn build_snapshot(
     shutdown: &CancellationToken,
 ) -> Result<Snapshot, String> {
     let file = config.path.display().to_string();
+    let proxy = EgressProxy::from_config(&config.outbound).map_err(|e| format!("{file}: {e}"))?;
+    // A provider is kept only if neither its settings nor the egress proxy its
+    // token endpoint is reached through changed.
+    let outbound_same = old.is_some_and(|o| o.config.outbound == config.outbound);
     let mut providers = IndexMap::new();
     for (name, pcfg) in &config.providers {
         let reused = old
+            .filter(|_| outbound_same)
             .and_then(|o| o.providers.get(name))
             .filter(|p| p.cfg == *pcfg)
             .cloned();
@@ -184,6 +190,7 @@ fn build_snapshot(
                     metrics: metrics.provider(name),
                     audit: audit.cloned(),
                     shutdown: shutdown.child_token(),
+                    proxy: proxy.clone(),
                 },
             )
             .map_err(|e| format!("{file}: providers.{name}: {e}"))?,
@@ -203,7 +210,7 @@ fn build_snapshot(
                     (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                     _ => None,
                 };
-                let c = client::build(rc.tls.ca.as_deref(), cert, https)
+                let c = client::build(rc.tls.ca.as_deref(), cert, https, &proxy)
                     .map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
                 clients.insert(key, c.clone());
                 c

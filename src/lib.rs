@@ -11,6 +11,7 @@ pub mod audit;
 pub mod caller;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod gateway;

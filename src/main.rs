@@ -29,7 +29,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve (the default)
-    Run,
+    Run {
+        /// Do not reload when the config file changes (SIGHUP still reloads)
+        #[arg(long)]
+        no_watch: bool,
+    },
     /// Validate the config and print the routes; exit 0 when valid, 2 when not
     Check,
     /// Start a demo IdP, API and gateway on loopback and show a token's life
@@ -83,9 +87,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => check(&config),
-        Command::Run => with_runtime(&config, run(config.clone(), path)),
+        Command::Run { no_watch } => with_runtime(&config, run(config.clone(), path, !no_watch)),
         Command::Demo => ExitCode::SUCCESS,
         Command::Token { provider, reveal } => {
             with_runtime(&config, token(config.clone(), provider, reveal))
@@ -145,7 +149,8 @@ fn check(config: &Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
+async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
+    let signals = Signals::install();
     let app = match authgate::App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -153,37 +158,69 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    wait_for_signals(&app, &path).await;
+    // Reload on file change on every platform (the only trigger on Windows).
+    let watcher = match watch.then(|| app.watch_config(&path)) {
+        None => None,
+        Some(Ok(task)) => Some(task),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, config = %path.display(), "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
+    signals.wait(&app, &path).await;
+    if let Some(task) = watcher {
+        task.abort();
+    }
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// Returns on SIGTERM / Ctrl-C; reloads the config on SIGHUP.
-#[cfg(unix)]
-async fn wait_for_signals(app: &authgate::App, path: &std::path::Path) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => { let _ = app.reload(path); }
-        }
-    }
+/// The process signals, installed before the listeners open: a SIGHUP that
+/// arrives between "listening" and the handler would otherwise kill the process
+/// (its default action).
+struct Signals {
+    #[cfg(unix)]
+    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signals(_app: &authgate::App, _path: &std::path::Path) {
-    let _ = tokio::signal::ctrl_c().await;
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let unix = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(term), Ok(hup)) => Some((term, hup)),
+                _ => {
+                    tracing::error!("cannot install signal handlers");
+                    None
+                }
+            };
+            Signals { unix }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Returns on SIGTERM / Ctrl-C; reloads the config on SIGHUP.
+    async fn wait(self, app: &authgate::App, path: &std::path::Path) {
+        #[cfg(unix)]
+        if let Some((mut term, mut hup)) = self.unix {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return,
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = hup.recv() => { let _ = app.reload(path); }
+                }
+            }
+        }
+        let _ = (app, path);
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
@@ -202,6 +239,13 @@ async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
         metrics: metrics.provider(&name),
         audit: None,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        proxy: match authgate::egress::EgressProxy::from_config(&config.outbound) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{}: {e}", config.path.display());
+                return ExitCode::from(2);
+            }
+        },
     };
     let provider = match authgate::token::Provider::new(pcfg, deps) {
         Ok(p) => p,

@@ -38,6 +38,11 @@ struct Refresh {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Replay {
     route: String,
     outcome: String,
@@ -79,14 +84,18 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut cumulative = 0;
+        // The encoder accumulates, so it takes per-bucket counts; the +Inf bucket
+        // holds what fell above the last bound. Count is read first and the
+        // overflow saturates, so a racing observation never makes it negative.
+        let count = self.0.count.load(Ordering::Relaxed);
+        let mut within = 0;
         let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
         for (i, upper) in BUCKETS.iter().enumerate() {
-            cumulative += self.0.buckets[i].load(Ordering::Relaxed);
-            buckets.push((*upper, cumulative));
+            let n = self.0.buckets[i].load(Ordering::Relaxed);
+            within += n;
+            buckets.push((*upper, n));
         }
-        let count = self.0.count.load(Ordering::Relaxed);
-        buckets.push((f64::INFINITY, count));
+        buckets.push((f64::INFINITY, count.saturating_sub(within)));
         let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         encoder
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
@@ -117,7 +126,7 @@ pub struct Metrics {
     expiry: Family<ProviderLabel, Gauge<f64, AtomicU64>>,
     store_errors: Counter,
     audit_dropped: Counter,
-    reloads: Family<Replay, Counter>,
+    reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -137,7 +146,12 @@ impl Metrics {
         let expiry = Family::<ProviderLabel, Gauge<f64, AtomicU64>>::default();
         let store_errors = Counter::default();
         let audit_dropped = Counter::default();
-        let reloads = Family::<Replay, Counter>::default();
+        let reloads = Family::<OutcomeLabel, Counter>::default();
+        for outcome in ["ok", "error"] {
+            let _ = reloads.get_or_create_owned(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            });
+        }
         // Names without the `_total` suffix: the encoder appends it to counters.
         registry.register(
             "authgate_requests",
@@ -209,10 +223,17 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
         };
+        // DESIGN.md: counters exist (at 0) from start-up, so a route shows its
+        // `status="200"` series before its first request.
+        let by_status: [OnceLock<Counter>; 500] = std::array::from_fn(|_| OnceLock::new());
+        let _ = by_status[200 - 100].set(self.requests.get_or_create_owned(&RouteStatus {
+            route: name.to_owned(),
+            status: "200".to_owned(),
+        }));
         RouteMetrics(Arc::new(RouteInner {
             name: name.to_owned(),
             metrics: self.clone(),
-            by_status: std::array::from_fn(|_| OnceLock::new()),
+            by_status,
             duration,
             replay_ok: replay("ok"),
             replay_unauthorized: replay("unauthorized"),
@@ -253,8 +274,7 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.reloads
-            .get_or_create(&Replay {
-                route: String::new(),
+            .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
             })
             .inc();

@@ -8,16 +8,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::egress::{EgressProxy, ProxyConnector};
 use crate::tls::{client_config, TlsError};
 
-pub type Connector = HttpsConnector<HttpConnector>;
+pub type Connector = HttpsConnector<ProxyConnector>;
 pub type HttpClient<B> = Client<Connector, B>;
 
-/// Builds a client trusting the OS roots plus `ca`, presenting `client_cert` when set.
+/// Builds a client trusting the OS roots plus `ca`, presenting `client_cert` when
+/// set, connecting through `proxy` (the egress proxy) where it applies.
 pub fn build<B>(
     ca: Option<&std::path::Path>,
     client_cert: Option<(&std::path::Path, &std::path::Path)>,
     h2: bool,
+    proxy: &EgressProxy,
 ) -> Result<HttpClient<B>, TlsError>
 where
     B: http_body::Body + Send + 'static + Unpin,
@@ -30,6 +33,7 @@ where
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    let http = ProxyConnector::new(http, proxy.clone());
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();

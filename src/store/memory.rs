@@ -72,18 +72,17 @@ impl TokenStore for MemoryStore {
         "memory"
     }
 
+    /// A store set failing (also the fallback for an unusable file store) is
+    /// reported as such from the start, not only after its first failed save.
+    fn healthy(&self) -> bool {
+        !self.fail_saves.load(Ordering::Relaxed)
+    }
+
     fn load<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Option<StoredToken>> {
         Box::pin(async move {
             self.loads.fetch_add(1, Ordering::Relaxed);
             Ok(self.lock().get(provider).cloned())
         })
-    }
-
-    /// Failing while `set_failing(true)`: the stand-in for an unusable file store
-    /// (`app::open_store`) must show as failing from the start, not only after the
-    /// first write attempt.
-    fn healthy(&self) -> bool {
-        !self.fail_saves.load(Ordering::Relaxed)
     }
 
     fn save<'a>(&'a self, provider: &'a str, token: &'a StoredToken) -> StoreFuture<'a, ()> {

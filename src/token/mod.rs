@@ -242,6 +242,8 @@ pub struct ProviderDeps {
     pub metrics: ProviderMetrics,
     pub audit: Option<AuditSink>,
     pub shutdown: CancellationToken,
+    /// `[outbound]`: token endpoints go through the egress proxy too.
+    pub proxy: crate::egress::EgressProxy,
 }
 
 impl Provider {
@@ -259,8 +261,9 @@ impl Provider {
                     }
                     _ => None,
                 };
-                let http = crate::forward::client::build(c.ca.as_deref(), client_cert, false)
-                    .map_err(|e| format!("token endpoint TLS: {e}"))?;
+                let http =
+                    crate::forward::client::build(c.ca.as_deref(), client_cert, false, &deps.proxy)
+                        .map_err(|e| format!("token endpoint TLS: {e}"))?;
                 let seed = match &cfg.grant {
                     Grant::RefreshToken {
                         initial_refresh_token,

@@ -2,7 +2,6 @@
 //! Runs against the server named by `AUTHGATE_TEST_DATABASE_URL` (`.ci/run` sets
 //! it); each test works in its own table prefix and drops its tables at the end.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,6 @@ use crate::support::until;
 use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
 
 const DB_ENV: &str = "AUTHGATE_TEST_DATABASE_URL";
-const WAIT: Duration = Duration::from_secs(20);
 
 /// One test's slice of the database: a random table prefix, and an admin
 /// connection to inspect and cut sessions.

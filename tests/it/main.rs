@@ -6,6 +6,7 @@ mod support;
 mod config_errors;
 mod fleet;
 mod forward;
+mod ops;
 mod persist;
 mod sec;
 mod tokens;
