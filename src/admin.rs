@@ -22,6 +22,10 @@ pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBod
         "/readyz" => readyz(gw),
         "/status" => status(gw),
         "/metrics" => {
+            // Seconds to expiry change continuously: computed at scrape time.
+            for p in gw.snapshot().providers.values() {
+                p.export_expiry();
+            }
             let mut resp = Response::new(GatewayBody::full(Bytes::from(gw.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

@@ -83,7 +83,6 @@ pub struct StoredToken {
     pub fingerprint: String,
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O error on {path}: {source}")]

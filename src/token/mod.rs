@@ -363,9 +363,7 @@ impl Provider {
             match &st.flight {
                 Some(rx) => rx.clone(),
                 None if st.retry_at.is_some() => return Err(self.unavailable(&st)),
-                None => {
-                    self.launch(&mut st, self.background_trigger())
-                }
+                None => self.launch(&mut st, self.background_trigger()),
             }
         };
         self.metrics.waiter();
@@ -1056,9 +1054,7 @@ impl Provider {
                 }
                 match &st.flight {
                     Some(rx) => rx.clone(),
-                    None => {
-                        self.launch(&mut st, self.background_trigger())
-                    }
+                    None => self.launch(&mut st, self.background_trigger()),
                 }
             };
             tokio::select! {
@@ -1098,6 +1094,13 @@ impl Provider {
             }
             Some(_) => None,
         }
+    }
+
+    /// Sets `authgate_token_expiry_seconds` to the seconds left now (-1 when the
+    /// token has no known expiry, or there is none).
+    pub fn export_expiry(&self) {
+        let left = self.current().and_then(|t| t.expires_in(Instant::now()));
+        self.metrics.set_expiry(left.map(|d| d.as_secs_f64()));
     }
 
     /// Stops the background refresher of a provider a reload replaced, so two

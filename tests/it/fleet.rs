@@ -142,7 +142,6 @@ fn setup_env() {
     std::env::set_var("FLEET_CLIENT_SECRET", "fleet-secret");
 }
 
-
 fn generation(gw: &TestGateway) -> Option<u64> {
     gw.provider("crm").current().map(|t| t.generation)
 }

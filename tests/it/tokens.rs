@@ -605,3 +605,29 @@ async fn invalid_client_is_reported_and_not_hammered() {
         Some("invalid_client")
     );
 }
+
+#[tokio::test]
+async fn token_expiry_gauge_counts_down_at_scrape_time() {
+    let idp = MockIdp::start().await;
+    idp.set_expires_in(Some(serde_json::json!(30)));
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n{}",
+        cc_config(&idp, &up, "", "")
+    );
+    let gw = TestGateway::start(&toml).await;
+    gw.ready().await;
+    let value = |text: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(r#"authgate_token_expiry_seconds{provider="crm"}"#))
+            .unwrap()
+            .to_owned();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let first = value(&Client::new().get(&gw.admin_url("/metrics")).await.text());
+    assert!(first > 25.0 && first <= 30.0, "{first}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = value(&Client::new().get(&gw.admin_url("/metrics")).await.text());
+    assert!(later < first, "{later} !< {first}");
+}

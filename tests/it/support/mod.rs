@@ -109,7 +109,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
