@@ -111,11 +111,18 @@ fn with_default_runtime(fut: impl std::future::Future<Output = ExitCode>) -> Exi
 }
 
 fn with_runtime(config: &Config, fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: the current-thread scheduler does the same work without the
+    // multi-thread scheduler's cross-thread queues and wake-ups.
+    let mut rt = match config.runtime.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = config.runtime.worker_threads {
-        rt.worker_threads(n);
-    }
     match rt.build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
