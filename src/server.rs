@@ -211,7 +211,12 @@ impl HeadLimits {
         // Roughly the bytes on the wire: "name: value\r\n" per field, plus the
         // request line.
         let fields: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-        let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+        // The URI's length without formatting it (no allocation per request).
+        let uri = req.uri();
+        let uri_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(1, |p| p.as_str().len());
+        let line = req.method().as_str().len() + uri_len + 11;
         fields + line > self.max_size
     }
 }
