@@ -21,7 +21,7 @@ pub enum ProxyError {
     CallerForbidden(String),
     #[error("no route matches the path")]
     NoRoute,
-    #[error("request headers not complete in time")]
+    #[error("request not received in time")]
     RequestTimeout,
     #[error("request body is larger than the limit")]
     BodyTooLarge,

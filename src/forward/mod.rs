@@ -225,14 +225,20 @@ async fn proxy(
     }
     let replay_possible =
         route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
-    let body = read_body(
-        incoming,
-        &parts.headers,
-        listen.max_replay_body,
-        listen.max_body,
-        replay_possible,
+    // A body kept for replay is read before sending: a caller that trickles it
+    // is bounded by the route's deadline like everything else.
+    let body = tokio::time::timeout_at(
+        deadline,
+        read_body(
+            incoming,
+            &parts.headers,
+            listen.max_replay_body,
+            listen.max_body,
+            replay_possible,
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| ProxyError::RequestTimeout)??;
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
         (UpstreamBody::Buffered { data }, true) => {

@@ -631,3 +631,23 @@ async fn token_expiry_gauge_counts_down_at_scrape_time() {
     let later = value(&Client::new().get(&gw.admin_url("/metrics")).await.text());
     assert!(later < first, "{later} !< {first}");
 }
+
+#[tokio::test]
+async fn a_trickled_body_is_bounded_by_the_route_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_idp, up, gw) = setup("", "timeout = \"300ms\"").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Promise 100 bytes, send 10, then stall.
+    s.write_all(b"POST /crm/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"));
+    assert_eq!(up.count(), 0, "nothing half-sent upstream");
+}
