@@ -9,78 +9,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::pki::{ca, leaf, leaf_cn, Ca, Leaf};
 use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
-
-// ---------------------------------------------------------------- test PKI
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    der: CertificateDer<'static>,
-    pem: String,
-}
-
-struct Leaf {
-    der: CertificateDer<'static>,
-    pem: String,
-    key_der: Vec<u8>,
-    key_pem: String,
-}
-
-impl Leaf {
-    fn identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        (
-            vec![self.der.clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
-        )
-    }
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        der: cert.der().clone(),
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-fn leaf(ca: &Ca, names: &[&str], client: bool) -> Leaf {
-    leaf_cn(ca, names, None, client)
-}
-
-fn leaf_cn(ca: &Ca, names: &[&str], cn: Option<&str>, client: bool) -> Leaf {
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    if let Some(cn) = cn {
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-    }
-    params.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    Leaf {
-        der: cert.der().clone(),
-        pem: cert.pem(),
-        key_der: key.serialize_der(),
-        key_pem: key.serialize_pem(),
-    }
-}
 
 /// Writes the CA and the gateway's certificate; returns the `[listen]` section.
 fn tls_listen(dir: &Path, ca: &Ca, with_client_ca: bool) -> String {

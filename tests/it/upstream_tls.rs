@@ -5,10 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use hyper::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 
-use crate::support::pki::{write, Leaf, TestCa};
+use crate::support::pki::{ca, leaf, write, Ca, Leaf};
 use crate::support::{full, Client, TestGateway};
 
 #[derive(Debug, Default)]
@@ -20,23 +19,18 @@ struct Seen {
 /// A TLS upstream offering h2 and http/1.1, optionally requiring client certs.
 async fn tls_upstream(
     server: &Leaf,
-    client_ca: Option<&TestCa>,
+    client_ca: Option<&Ca>,
 ) -> (std::net::SocketAddr, Arc<Mutex<Seen>>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+    let certs: Vec<CertificateDer<'static>> = vec![server.der.clone()];
+    let (_, key) = server.identity();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap();
     let mut cfg = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
-                .unwrap();
+            roots.add(ca.der.clone()).unwrap();
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -100,11 +94,11 @@ async fn tls_upstream(
 
 #[tokio::test]
 async fn tls_upstream_with_route_ca_speaks_http2_by_alpn() {
-    let ca = TestCa::new("upstream test CA");
-    let server = ca.leaf(&["localhost"]);
+    let ca = ca("upstream test CA");
+    let server = leaf(&ca, &["localhost"], false);
     let (addr, seen) = tls_upstream(&server, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca_path = write(dir.path(), "ca.pem", &ca.cert_pem);
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem);
     std::env::set_var("TLS_UP_TOKEN", "tls-token-1");
     let toml = format!(
         r#"
@@ -138,13 +132,13 @@ upstream = "https://localhost:{port}/base"
 
 #[tokio::test]
 async fn mtls_upstream_receives_the_route_client_certificate() {
-    let ca = TestCa::new("mtls CA");
-    let server = ca.leaf(&["localhost"]);
-    let client = ca.leaf(&["authgate.client"]);
+    let ca = ca("mtls CA");
+    let server = leaf(&ca, &["localhost"], false);
+    let client = leaf(&ca, &["authgate.client"], true);
     let (addr, seen) = tls_upstream(&server, Some(&ca)).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca_path = write(dir.path(), "ca.pem", &ca.cert_pem);
-    write(dir.path(), "client.pem", &client.cert_pem);
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem);
+    write(dir.path(), "client.pem", &client.pem);
     write(dir.path(), "client-key.pem", &client.key_pem);
     let toml = format!(
         r#"

@@ -1,58 +1,70 @@
-//! Certificates made at test time: a CA, and leaf certificates it signs.
+//! Certificates made at test time: a CA, and leaf certificates it signs (server or
+//! client, with chosen DNS names and common name).
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-#[derive(Debug)]
-pub struct TestCa {
-    pub cert_pem: String,
-    params: CertificateParams,
-    key: KeyPair,
+pub struct Ca {
+    pub issuer: Issuer<'static, KeyPair>,
+    pub der: CertificateDer<'static>,
+    pub pem: String,
 }
 
-#[derive(Debug, Clone)]
 pub struct Leaf {
-    pub cert_pem: String,
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+    pub key_der: Vec<u8>,
     pub key_pem: String,
 }
 
-impl TestCa {
-    pub fn new(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            cert_pem: cert.pem(),
-            params,
-            key,
-        }
+impl Leaf {
+    pub fn identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (
+            vec![self.der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+        )
     }
+}
 
-    /// A leaf for `names` (DNS names or IP addresses), usable as server and client.
-    pub fn leaf(&self, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+pub fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        der: cert.der().clone(),
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+pub fn leaf(ca: &Ca, names: &[&str], client: bool) -> Leaf {
+    leaf_cn(ca, names, None, client)
+}
+
+pub fn leaf_cn(ca: &Ca, names: &[&str], cn: Option<&str>, client: bool) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    if let Some(cn) = cn {
         params
             .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+            .push(rcgen::DnType::CommonName, cn);
+    }
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    Leaf {
+        der: cert.der().clone(),
+        pem: cert.pem(),
+        key_der: key.serialize_der(),
+        key_pem: key.serialize_pem(),
     }
 }
 
