@@ -19,12 +19,14 @@ use crate::metrics::Metrics;
 pub struct RequestRecord {
     #[serde(serialize_with = "rfc3339")]
     pub ts: SystemTime,
-    pub request_id: String,
-    pub caller: Option<String>,
-    pub client_addr: String,
+    #[serde(serialize_with = "header_str")]
+    pub request_id: http::HeaderValue,
+    pub caller: Option<Arc<str>>,
+    pub client_addr: std::net::SocketAddr,
     pub route: Option<Arc<str>>,
     pub provider: Option<Arc<str>>,
-    pub method: String,
+    #[serde(serialize_with = "method_str")]
+    pub method: http::Method,
     /// The caller's path, without the query string (queries may carry secrets).
     pub path: String,
     pub status: u16,
@@ -70,6 +72,16 @@ enum Line {
     Request(Box<RequestRecord>),
     Token(TokenEvent),
     HandOut(HandOutEvent),
+}
+
+// The request path hands over what it already holds (header value, method, socket
+// address); turning them into text is the writer task's job.
+fn header_str<S: serde::Serializer>(v: &http::HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.to_str().unwrap_or_default())
+}
+
+fn method_str<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -67,7 +67,7 @@ pub async fn serve(
     let audit_info = gw
         .audit
         .as_ref()
-        .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+        .map(|_| (req.method().clone(), req.uri().path().to_owned()));
 
     let mut out = Outcome::default();
     let result = proxy(gw, &snap, req, conn, &request_id, &mut out).await;
@@ -98,9 +98,9 @@ pub async fn serve(
     if let (Some(audit), Some((method, path))) = (&gw.audit, audit_info) {
         audit.request(RequestRecord {
             ts: SystemTime::now(),
-            request_id: request_id.to_str().unwrap_or_default().to_owned(),
-            caller: out.caller.map(|c| c.to_string()),
-            client_addr: conn.remote.to_string(),
+            request_id,
+            caller: out.caller,
+            client_addr: conn.remote,
             route: route.map(|r| r.name.clone()),
             provider: route.and_then(|r| r.provider.as_ref().map(|p| p.name.clone())),
             method,
@@ -124,9 +124,11 @@ fn log_error(e: &ProxyError, route: Option<&Route>, request_id: &HeaderValue) {
         ProxyError::UpstreamUnreachable(cause) => {
             tracing::warn!(route, request_id = id, error = %crate::error::chain(cause.as_ref()), "upstream unreachable")
         }
-        ProxyError::UpstreamTimeout | ProxyError::TokenUnavailable { .. } => {
+        ProxyError::UpstreamTimeout => {
             tracing::warn!(route, request_id = id, error = %e, "request failed")
         }
+        // The refresh failure behind it is logged once by the provider; a line per
+        // refused request would flood the log during an IdP outage.
         _ => tracing::debug!(route, request_id = id, error = %e, "request refused"),
     }
 }

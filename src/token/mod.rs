@@ -651,7 +651,7 @@ impl Provider {
         // Holding the fleet lease, the new token must be in the store before the
         // lease goes: the next replica to take it re-reads the store and would
         // otherwise ask the IdP again.
-        let result = self.fetch(trigger, lease.is_some()).await;
+        let result = self.fetch(lease.is_some()).await;
         drop(lease);
         result
     }
@@ -792,7 +792,7 @@ impl Provider {
 
     /// Asks the IdP. `leased`: we hold the fleet lease, so the first save is awaited
     /// before returning (the lease is released after).
-    async fn fetch(self: &Arc<Self>, trigger: Trigger, leased: bool) -> Outcome {
+    async fn fetch(self: &Arc<Self>, leased: bool) -> Outcome {
         let (Some(http), Some(client)) = (&self.http, self.cfg.oauth()) else {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         };
@@ -810,8 +810,6 @@ impl Provider {
             }
             Err(e) => return Err(e),
         };
-        let _ = trigger;
-
         let current = self.current();
         let same = current
             .as_ref()
@@ -833,16 +831,7 @@ impl Provider {
             self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
                 .map_err(TokenError::InvalidResponse)?,
         );
-        let stored = StoredToken {
-            access_token: token.access_token.clone(),
-            refresh_token: None,
-            token_type: "Bearer".into(),
-            scope: token.scope.clone(),
-            expires_at_unix: resp.expires_in.map(|d| unix_now() + d.as_secs() as i64),
-            generation,
-            obtained_at_unix: unix_now(),
-            fingerprint: self.fingerprint.clone(),
-        };
+        let stored = self.stored_record(&token, None);
         if is_refresh {
             // Rotation: the newest refresh token replaces the old one, and is
             // persisted before the access token is served — a crash after this
@@ -952,13 +941,24 @@ impl Provider {
                 // Unreachable: try the save anyway, it reports the failure.
                 Ok(Err(_)) | Err(_) => None,
             };
+        let refresh_token = self.state().refresh_token.clone();
+        let stored = self.stored_record(&token, refresh_token);
+        if stored_generation.is_some() {
+            tracing::info!(provider = %self.name, generation = token.generation,
+                "token store reachable again; saving the token refreshed while it was not");
+        }
+        self.try_save(&stored).await
+    }
+
+    /// The store's record of `token` (wall-clock times, for the next start-up).
+    fn stored_record(&self, token: &Token, refresh_token: Option<Secret>) -> StoredToken {
         let obtained_at_unix = token
             .obtained_at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let stored = StoredToken {
+        StoredToken {
             access_token: token.access_token.clone(),
-            refresh_token: self.state().refresh_token.clone(),
+            refresh_token,
             token_type: "Bearer".into(),
             scope: token.scope.clone(),
             expires_at_unix: token
@@ -967,12 +967,7 @@ impl Provider {
             generation: token.generation,
             obtained_at_unix,
             fingerprint: self.fingerprint.clone(),
-        };
-        if stored_generation.is_some() {
-            tracing::info!(provider = %self.name, generation = token.generation,
-                "token store reachable again; saving the token refreshed while it was not");
         }
-        self.try_save(&stored).await
     }
 
     /// Saves `stored` unless a newer token was handed to `persist` meanwhile (then
