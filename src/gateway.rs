@@ -242,7 +242,7 @@ fn build_snapshot(
     let table = RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str()));
     let callers = Callers::new(config.callers.as_deref()).map_err(|e| format!("{file}: {e}"))?;
     Ok(Snapshot {
-        unrouted: metrics.route(""),
+        unrouted: metrics.unrouted(),
         config,
         table,
         routes,

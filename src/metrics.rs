@@ -214,10 +214,24 @@ impl Metrics {
 
     /// Handles for one route; the series exist (at 0) from now on.
     pub fn route(self: &Arc<Self>, name: &str) -> RouteMetrics {
+        self.route_handles(name, true)
+    }
+
+    /// Handles for requests that matched no route (`route=""`): they are never
+    /// replayed, so no replay series is exported for them.
+    pub fn unrouted(self: &Arc<Self>) -> RouteMetrics {
+        self.route_handles("", false)
+    }
+
+    fn route_handles(self: &Arc<Self>, name: &str, replays: bool) -> RouteMetrics {
         let duration = self.durations.get_or_create_owned(&RouteLabel {
             route: name.to_owned(),
         });
         let replay = |outcome: &str| {
+            if !replays {
+                // Unregistered: counts nothing anyone can see, costs nothing.
+                return Counter::default();
+            }
             self.replays.get_or_create_owned(&Replay {
                 route: name.to_owned(),
                 outcome: outcome.to_owned(),
