@@ -90,6 +90,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => check(&config),
         Command::Run { no_watch } => with_runtime(&config, run(config.clone(), path, !no_watch)),
+        // Needs no config: served before the config is loaded.
         Command::Demo => ExitCode::SUCCESS,
         Command::Token { provider, reveal } => {
             with_runtime(&config, token(config.clone(), provider, reveal))

@@ -381,6 +381,23 @@ fn secret_pair(
     }
 }
 
+/// A secret the grant cannot do without; the error points at `grant`.
+fn required_secret(
+    at: &KeyPath,
+    name: &str,
+    env: Option<String>,
+    file: Option<String>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    grant: &str,
+) -> Check<SecretSource> {
+    secret_pair(at, name, env, file, resolve)?.ok_or_else(|| {
+        (
+            at.key("grant"),
+            format!("grant = {grant:?} needs {name}_env or {name}_file"),
+        )
+    })
+}
+
 pub(crate) fn is_loopback_host(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     if h.eq_ignore_ascii_case("localhost") || h.ends_with(".localhost") {
@@ -491,37 +508,26 @@ fn provider(
     };
     let grant = match p.grant.as_str() {
         "static" => {
-            let token = secret_pair(
+            let token = required_secret(
                 at,
                 "token",
                 p.token_env.clone(),
                 p.token_file.clone(),
                 resolve,
-            )?
-            .ok_or_else(|| {
-                (
-                    at.key("grant"),
-                    "grant = \"static\" needs token_env or token_file".to_owned(),
-                )
-            })?;
+                "static",
+            )?;
             Grant::Static { token }
         }
         "client_credentials" => Grant::ClientCredentials(oauth(&p)?),
         "refresh_token" => {
-            let initial = secret_pair(
+            let initial = required_secret(
                 at,
                 "refresh_token",
                 p.refresh_token_env.clone(),
                 p.refresh_token_file.clone(),
                 resolve,
-            )?
-            .ok_or_else(|| {
-                (
-                    at.key("grant"),
-                    "grant = \"refresh_token\" needs refresh_token_env or refresh_token_file"
-                        .to_owned(),
-                )
-            })?;
+                "refresh_token",
+            )?;
             Grant::RefreshToken {
                 client: oauth(&p)?,
                 initial_refresh_token: initial,

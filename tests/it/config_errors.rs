@@ -155,3 +155,22 @@ fn run_exits_2_on_an_invalid_config() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.addr"));
 }
+
+#[test]
+fn a_grant_without_its_secret_is_located_at_the_grant() {
+    let (code, _, err) =
+        check("[listen]\naddr = \"127.0.0.1:0\"\n[providers.k]\ngrant = \"static\"\n");
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        r#"proxy.toml:4:1: providers.k.grant: grant = "static" needs token_env or token_file"#
+    );
+    let (code, _, err) = check(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[providers.r]\ngrant = \"refresh_token\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"c\"\n",
+    );
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        r#"proxy.toml:4:1: providers.r.grant: grant = "refresh_token" needs refresh_token_env or refresh_token_file"#
+    );
+}
