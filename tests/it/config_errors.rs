@@ -174,3 +174,71 @@ fn a_grant_without_its_secret_is_located_at_the_grant() {
         r#"proxy.toml:4:1: providers.r.grant: grant = "refresh_token" needs refresh_token_env or refresh_token_file"#
     );
 }
+
+/// `--config`, else `$AUTHGATE_CONFIG`, else `./proxy.toml`.
+#[test]
+fn the_config_path_comes_from_the_flag_the_env_or_the_working_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "[listen]\naddr = \"127.0.0.1:0\"\n";
+    std::fs::write(dir.path().join("proxy.toml"), good).unwrap();
+    std::fs::write(dir.path().join("other.toml"), "[listen]\naddr = 1\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_authgate");
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env_remove("AUTHGATE_CONFIG");
+        if let Some(v) = env {
+            cmd.env("AUTHGATE_CONFIG", v);
+        }
+        cmd.output().unwrap()
+    };
+    // ./proxy.toml in the working folder.
+    assert_eq!(run(&["check"], None).status.code(), Some(0));
+    // $AUTHGATE_CONFIG wins over it.
+    let out = run(&["check"], Some("other.toml"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("other.toml:2:"));
+    // --config wins over both.
+    assert_eq!(
+        run(&["check", "--config", "proxy.toml"], Some("other.toml"))
+            .status
+            .code(),
+        Some(0)
+    );
+}
+
+/// With no subcommand, `authgate` serves.
+#[test]
+fn run_is_the_default_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!("[listen]\naddr = \"127.0.0.1:{port}\"\n[store]\nkind = \"memory\"\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .current_dir(dir.path())
+        .env_remove("AUTHGATE_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let listening = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening, "authgate with no subcommand did not serve");
+}
