@@ -38,6 +38,7 @@ pub enum TokenError {
         code: String,
         description: Option<String>,
         status: u16,
+        retry_after: Option<Duration>,
     },
     #[error("token endpoint redirected (HTTP {0}); redirects are never followed")]
     Redirect(u16),
@@ -75,10 +76,20 @@ impl TokenError {
                 Retry::Transient(*retry_after)
             }
             TokenError::ReauthRequired => Retry::Never,
-            TokenError::OAuth { code, .. }
-                if code == "temporarily_unavailable" || code == "server_error" =>
+            // The status says "later" whatever the body calls it (a 429 may carry
+            // `slow_down`, a 503 `temporarily_unavailable`): back off as told.
+            TokenError::OAuth {
+                code,
+                status,
+                retry_after,
+                ..
+            } if *status >= 500
+                || *status == 429
+                || code == "temporarily_unavailable"
+                || code == "server_error"
+                || code == "slow_down" =>
             {
-                Retry::Transient(None)
+                Retry::Transient(*retry_after)
             }
             _ => Retry::Slow,
         }
@@ -368,6 +379,7 @@ pub fn parse_response(
                 code: sanitize(&err.error),
                 description: err.error_description.as_deref().map(sanitize),
                 status: status.as_u16(),
+                retry_after,
             });
         }
         return Err(TokenError::Http {
@@ -491,6 +503,14 @@ mod tests {
             b"oops",
         )
         .unwrap_err();
+        assert_eq!(e.retry(), Retry::Transient(Some(Duration::from_secs(7))));
+        let e = parse_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(7)),
+            br#"{"error":"slow_down"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "slow_down");
         assert_eq!(e.retry(), Retry::Transient(Some(Duration::from_secs(7))));
         let e = parse_response(StatusCode::FOUND, None, b"").unwrap_err();
         assert_eq!(e.code(), "redirect");

@@ -561,19 +561,27 @@ async fn the_current_token_serves_until_it_really_expires_while_the_idp_is_down(
 async fn retry_after_from_the_idp_is_honoured() {
     let idp = MockIdp::start().await;
     let up = MockUpstream::with_idp(&idp).await;
-    // A 429 with retry-after: 7 (the mock sends the status; the header comes from
-    // the body-less path below).
+    // A 429 with an OAuth body and `retry-after: 7`: transient, and the next
+    // attempt waits as told (not the 1 s first backoff, nor a client-error pause).
     idp.fail_with(Some(Failure::Status(
         429,
         r#"{"error":"slow_down"}"#.into(),
     )));
+    *idp.state.retry_after.lock().unwrap() = Some(7);
     let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
     let r = Client::new().get(&gw.url("/crm/x")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((6..=7).contains(&ra), "retry-after {ra}");
     let status = gw.provider("crm").status();
     assert_eq!(
         status.last_refresh.as_ref().unwrap().error.as_deref(),
         Some("slow_down")
+    );
+    assert!(
+        status.retry_in_s.is_some_and(|s| (5..=7).contains(&s)),
+        "{:?}",
+        status.retry_in_s
     );
     assert_eq!(idp.requests(), 1);
 }

@@ -44,6 +44,8 @@ pub struct IdpState {
     pub expires_in: Mutex<Option<serde_json::Value>>,
     pub delay: Mutex<Duration>,
     pub failure: Mutex<Option<Failure>>,
+    /// `retry-after` (seconds) sent with `Failure::Status` answers.
+    pub retry_after: Mutex<Option<u64>>,
     /// Rotate refresh tokens: each refresh returns a new one, the old one dies.
     pub rotate: bool,
     refresh_tokens: Mutex<HashSet<String>>,
@@ -75,6 +77,7 @@ impl MockIdp {
             expires_in: Mutex::new(Some(serde_json::json!(3600))),
             delay: Mutex::new(Duration::ZERO),
             failure: Mutex::new(None),
+            retry_after: Mutex::new(None),
             rotate,
             refresh_tokens: Mutex::new(HashSet::from(["rt-0".to_owned()])),
             fixed_token: Mutex::new(None),
@@ -185,6 +188,9 @@ async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Respo
             *r.status_mut() = StatusCode::from_u16(code).unwrap();
             r.headers_mut()
                 .insert("content-type", "application/json".parse().unwrap());
+            if let Some(secs) = *st.retry_after.lock().unwrap() {
+                r.headers_mut().insert("retry-after", secs.into());
+            }
             return r;
         }
         Some(Failure::Hang) => {
