@@ -6,22 +6,23 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
 use crate::forward::body::GatewayBody;
@@ -77,10 +78,15 @@ impl ServerOpts {
     }
 }
 
-fn builder(opts: &ServerOpts) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// hyper's protocol builders for one listener.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+fn protocols(opts: &ServerOpts) -> Protocols {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         // `Guarded` enforces the header timeout itself, answering 408 where hyper
         // would only close the connection.
         .header_read_timeout(None)
@@ -94,13 +100,16 @@ fn builder(opts: &ServerOpts) -> auto::Builder<TokioExecutor> {
                 .max(opts.max_headers + 32),
         )
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(opts.max_header_size as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(opts.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
-    b
+    Protocols {
+        http1: h1,
+        http2: h2,
+    }
 }
 
 /// Accepts connections until `shutdown`, then stops accepting (the socket is
@@ -112,15 +121,16 @@ pub async fn serve<H, F>(
     shutdown: CancellationToken,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Response<GatewayBody>> + Send + 'static,
 {
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let builder = Arc::new(builder(&opts));
+    let protocols = Arc::new(protocols(&opts));
     let tls = opts.tls.clone().map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let drain = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     loop {
         // Backpressure: at the connection limit we stop accepting until one closes.
@@ -141,32 +151,38 @@ pub async fn serve<H, F>(
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        let limits = (opts.header_timeout, opts.idle_timeout);
-        let head = HeadLimits {
-            max_headers: opts.max_headers,
-            max_size: opts.max_header_size,
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut info = ConnInfo {
+        let conn = Conn {
+            info: ConnInfo {
                 remote,
                 local,
                 cert_names: Arc::from(Vec::new()),
-            };
+            },
+            head: HeadLimits {
+                max_headers: opts.max_headers,
+                max_size: opts.max_header_size,
+            },
+            header_timeout: opts.header_timeout,
+            idle_timeout: opts.idle_timeout,
+            protocols: protocols.clone(),
+            drain: drain.clone(),
+        };
+        let handler = handler.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            let _permit = permit;
             match tls {
                 None => {
-                    let io = Guarded::new(stream, limits.0, limits.1);
-                    serve_conn(io, Arc::new(info), head, builder, watcher, handler).await
+                    let Some(h2) = sniff_h2c(&stream, conn.header_timeout, &conn.drain).await
+                    else {
+                        return;
+                    };
+                    conn.run(stream, h2, handler).await
                 }
                 Some(acceptor) => {
                     // A caller that stalls the handshake is cut like one that
                     // stalls its headers.
-                    let stream = match tokio::time::timeout(limits.0, acceptor.accept(stream)).await
-                    {
+                    let accept = tokio::time::timeout(conn.header_timeout, acceptor.accept(stream));
+                    let stream = match accept.await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -177,20 +193,205 @@ pub async fn serve<H, F>(
                             return;
                         }
                     };
-                    info.cert_names = Arc::from(crate::tls::peer_names(
+                    let mut conn = conn;
+                    conn.info.cert_names = Arc::from(crate::tls::peer_names(
                         stream.get_ref().1.peer_certificates(),
                     ));
-                    let io = Guarded::new(stream, limits.0, limits.1);
-                    serve_conn(io, Arc::new(info), head, builder, watcher, handler).await
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    conn.run(stream, h2, handler).await
                 }
             }
         });
     }
     drop(listener);
+    connections.close();
+    drain.cancel();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = connections.wait() => {}
         _ = tokio::time::sleep(opts.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// HTTP/2 with prior knowledge starts with this preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plaintext caller speaks h2c (prior knowledge), judged from the first
+/// bytes without consuming them. `None`: the caller left, or sent nothing in time.
+async fn sniff_h2c(
+    stream: &TcpStream,
+    within: Duration,
+    drain: &CancellationToken,
+) -> Option<bool> {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4];
+    loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut buf)) => match r {
+                Ok(Ok(n)) => n,
+                _ => return None,
+            },
+            _ = drain.cancelled() => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        // "PRI " is no method an HTTP/1 caller may use (RFC 9113 §3.4), and four
+        // bytes tell it from POST, PUT and PATCH.
+        if buf[..n] != H2_PREFACE[..n] || n == buf.len() {
+            return Some(buf[..n] == H2_PREFACE[..buf.len()]);
+        }
+        // A preface split across packets: peeking again at once would spin on the
+        // same bytes. Rare enough that a short pause is the simple answer.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The socket under a connection, whatever is layered on it: hibernation waits on
+/// its readiness.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Conn {
+    info: ConnInfo,
+    head: HeadLimits,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    protocols: Arc<Protocols>,
+    drain: CancellationToken,
+}
+
+impl Conn {
+    async fn run<S, H, F>(self, stream: S, h2: bool, handler: H)
+    where
+        S: Transport,
+        H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + Unpin + 'static,
+        F: Future<Output = Response<GatewayBody>> + Send + 'static,
+    {
+        let io = Guarded::new(stream, self.header_timeout, self.idle_timeout, h2);
+        let remote = self.info.remote;
+        let state = io.state.clone();
+        let info = Arc::new(self.info);
+        let head = self.head;
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            state.started.fetch_add(1, Ordering::SeqCst);
+            let fut = if head.exceeded(&req) {
+                let id = crate::forward::headers::new_request_id();
+                let mut resp = crate::error::ProxyError::HeadersTooLarge.to_response(
+                    id.to_str().unwrap_or_default(),
+                    None,
+                    None,
+                );
+                resp.headers_mut()
+                    .insert(crate::forward::headers::X_REQUEST_ID.clone(), id);
+                futures_util::future::Either::Left(std::future::ready(resp))
+            } else {
+                futures_util::future::Either::Right(handler(req, info.clone()))
+            };
+            async move {
+                // The request counts as finished when its response body is done
+                // (or dropped), so a long-streaming response is never taken for
+                // idleness.
+                let resp = fut.await.map(|inner| CountedBody { inner, state });
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let result = if h2 {
+            let conn = self
+                .protocols
+                .http2
+                .serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut draining = std::pin::pin!(self.drain.cancelled());
+            let mut asked = false;
+            std::future::poll_fn(|cx| {
+                if !asked && draining.as_mut().poll(cx).is_ready() {
+                    asked = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                conn.as_mut().poll(cx)
+            })
+            .await
+        } else {
+            serve_http1(io, service, &self.protocols.http1, &self.drain, remote).await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Serves HTTP/1 requests on one connection. A keep-alive connection left idle
+/// hibernates: hyper's connection state (two 8 KiB buffers and the request's
+/// future) is dropped and only the socket is kept, to be woken by the caller's next
+/// bytes; 10,000 idle callers then cost little more than their sockets.
+async fn serve_http1<S, Svc>(
+    mut io: Guarded<S>,
+    mut service: Svc,
+    builder: &http1::Builder,
+    drain: &CancellationToken,
+    remote: SocketAddr,
+) -> Result<(), hyper::Error>
+where
+    S: Transport,
+    Svc: hyper::service::HttpService<Incoming, ResBody = CountedBody> + Unpin,
+{
+    let state = io.state.clone();
+    loop {
+        let mut conn = builder.serve_connection(TokioIo::new(io), service);
+        let mut draining = std::pin::pin!(drain.cancelled());
+        let mut closing = false;
+        std::future::poll_fn(|cx| {
+            if !closing && draining.as_mut().poll(cx).is_ready() {
+                closing = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            let polled = Pin::new(&mut conn).poll(cx);
+            if polled.is_pending() && !closing && state.hibernate.load(Ordering::Relaxed) {
+                // Idle between requests (see `Guarded`): hyper closes at once,
+                // without touching the socket, and hands back what it had read.
+                closing = true;
+                Pin::new(&mut conn).graceful_shutdown();
+                return Pin::new(&mut conn).poll(cx);
+            }
+            polled
+        })
+        .await?;
+        if !state.hibernate.swap(false, Ordering::Relaxed) || drain.is_cancelled() {
+            return Ok(());
+        }
+        let parts = conn.into_parts();
+        tracing::trace!(%remote, buffered = parts.read_buf.len(), "connection hibernating");
+        io = parts.io.into_inner();
+        service = parts.service;
+        if parts.read_buf.is_empty() {
+            let woken = tokio::select! {
+                r = std::future::poll_fn(|cx| Pin::new(&mut io).poll_wake(cx)) => r,
+                _ = drain.cancelled() => false,
+            };
+            if !woken {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                return Ok(());
+            }
+        } else {
+            // Bytes of a next request that hyper had read: served before the socket.
+            io.rewind(parts.read_buf);
         }
     }
 }
@@ -218,48 +419,6 @@ impl HeadLimits {
             + uri.path_and_query().map_or(1, |p| p.as_str().len());
         let line = req.method().as_str().len() + uri_len + 11;
         fields + line > self.max_size
-    }
-}
-
-async fn serve_conn<S, H, F>(
-    io: Guarded<S>,
-    info: Arc<ConnInfo>,
-    head: HeadLimits,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
-    handler: H,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>, Arc<ConnInfo>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<GatewayBody>> + Send + 'static,
-{
-    let state = io.state.clone();
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let state = state.clone();
-        state.started.fetch_add(1, Ordering::SeqCst);
-        let fut = if head.exceeded(&req) {
-            let id = crate::forward::headers::new_request_id();
-            let mut resp = crate::error::ProxyError::HeadersTooLarge.to_response(
-                id.to_str().unwrap_or_default(),
-                None,
-                None,
-            );
-            resp.headers_mut()
-                .insert(crate::forward::headers::X_REQUEST_ID.clone(), id);
-            futures_util::future::Either::Left(std::future::ready(resp))
-        } else {
-            futures_util::future::Either::Right(handler(req, info.clone()))
-        };
-        async move {
-            // The request counts as finished when its response body is done (or
-            // dropped), so a long-streaming response is never taken for idleness.
-            let resp = fut.await.map(|inner| CountedBody { inner, state });
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
@@ -298,20 +457,30 @@ impl http_body::Body for CountedBody {
     }
 }
 
-/// Request counts of one connection, shared between the IO wrapper and the service:
-/// a head is complete when hyper calls the service.
+/// Request counts of one connection, shared between the IO wrapper, the service
+/// and the connection loop: a head is complete when hyper calls the service.
 #[derive(Debug, Default)]
 struct ConnState {
     started: AtomicU64,
     finished: AtomicU64,
+    /// Set by `Guarded` when an idle HTTP/1 connection should hibernate.
+    hibernate: AtomicBool,
 }
 
+/// How long an idle HTTP/1 keep-alive connection keeps hyper's state before it
+/// hibernates. Short, because waking costs about a microsecond, while a busy
+/// caller never waits this long between requests.
+const HIBERNATE_AFTER: Duration = Duration::from_millis(100);
+
+/// What an expired deadline of the read side means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Unknown,
-    Http1,
-    /// HTTP/2 has its own framing and keep-alive; the wrapper stays out of it.
-    Http2,
+enum Expiry {
+    /// A head started and did not finish: 408.
+    Head,
+    /// Idle for `idle_timeout`: closed.
+    Idle,
+    /// Idle for `HIBERNATE_AFTER`: hyper's state is let go.
+    Nap,
 }
 
 pin_project_lite::pin_project! {
@@ -320,33 +489,42 @@ pin_project_lite::pin_project! {
     /// `header_timeout`, else a 408 with the contract's JSON body is written and the
     /// connection closed (hyper's own header timeout only closes, and would let a
     /// slowloris caller see no reason). Between requests, a connection with no
-    /// traffic for `idle_timeout` is closed.
+    /// traffic hibernates after `HIBERNATE_AFTER` and is closed after
+    /// `idle_timeout`. HTTP/2 has its own framing and keep-alive; the wrapper stays
+    /// out of it.
     struct Guarded<S> {
         #[pin]
         inner: S,
         state: Arc<ConnState>,
-        mode: Mode,
+        http2: bool,
         header_timeout: Duration,
         idle_timeout: Duration,
         seen_started: u64,
         head_deadline: Option<Instant>,
         last_activity: Instant,
+        // Armed lazily: it may fire before the deadline of the moment, which is
+        // then re-armed, so that a busy connection does not move a timer per
+        // request.
         timer: Pin<Box<Sleep>>,
         timer_at: Instant,
         // The 408 being written, and how much of it went out.
         closing: Option<(Vec<u8>, usize)>,
         parked_busy: bool,
+        // Written since the last completed flush: hyper may still hold bytes.
+        unflushed: bool,
+        // Bytes read by a hibernated connection's hyper state, served first.
+        prefix: Bytes,
     }
 }
 
 impl<S> Guarded<S> {
-    fn new(inner: S, header_timeout: Duration, idle_timeout: Duration) -> Self {
+    fn new(inner: S, header_timeout: Duration, idle_timeout: Duration, http2: bool) -> Self {
         let now = Instant::now();
-        let first = now + idle_timeout;
+        let first = now + idle_timeout.min(header_timeout);
         Self {
             inner,
             state: Arc::new(ConnState::default()),
-            mode: Mode::Unknown,
+            http2,
             header_timeout,
             idle_timeout,
             seen_started: 0,
@@ -356,7 +534,62 @@ impl<S> Guarded<S> {
             timer_at: first,
             closing: None,
             parked_busy: false,
+            unflushed: false,
+            prefix: Bytes::new(),
         }
+    }
+
+    /// Hands back bytes hyper had read before hibernating.
+    fn rewind(&mut self, bytes: Bytes) {
+        self.prefix = bytes;
+    }
+}
+
+impl<S: Transport> Guarded<S> {
+    /// Hibernating: ready (`true`) when the caller sends again, `false` once the
+    /// connection has been idle for `idle_timeout`.
+    fn poll_wake(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let this = self.project();
+        if this
+            .inner
+            .as_ref()
+            .get_ref()
+            .tcp()
+            .poll_read_ready(cx)
+            .is_ready()
+        {
+            // An error, too, is for hyper to find and report.
+            return Poll::Ready(true);
+        }
+        let deadline = *this.last_activity + *this.idle_timeout;
+        if poll_deadline(this.timer, this.timer_at, deadline, cx) {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    }
+}
+
+/// Whether `deadline` has passed, with the timer armed for it otherwise. The timer
+/// is only moved earlier; one that fires early is re-armed.
+fn poll_deadline(
+    timer: &mut Pin<Box<Sleep>>,
+    timer_at: &mut Instant,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    if deadline < *timer_at {
+        *timer_at = deadline;
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if *timer_at >= deadline {
+            return true;
+        }
+        *timer_at = deadline;
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -403,64 +636,78 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
             *this.head_deadline = None;
         }
         let before = buf.filled().len();
-        match this.inner.as_mut().poll_read(cx, buf) {
+        let polled = if this.prefix.is_empty() {
+            this.inner.as_mut().poll_read(cx, buf)
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            Poll::Ready(Ok(()))
+        };
+        match polled {
             Poll::Ready(Ok(())) => {
-                let got = &buf.filled()[before..];
-                if !got.is_empty() {
-                    *this.last_activity = Instant::now();
-                    if *this.mode == Mode::Unknown {
-                        *this.mode = if got.starts_with(b"PRI ") {
-                            Mode::Http2
-                        } else {
-                            Mode::Http1
-                        };
-                    }
+                if buf.filled().len() > before {
+                    let now = Instant::now();
+                    *this.last_activity = now;
                     let idle = started == this.state.finished.load(Ordering::SeqCst);
-                    if *this.mode == Mode::Http1 && idle && this.head_deadline.is_none() {
-                        *this.head_deadline = Some(Instant::now() + *this.header_timeout);
+                    if !*this.http2 && idle && this.head_deadline.is_none() {
+                        *this.head_deadline = Some(now + *this.header_timeout);
                     }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if *this.mode == Mode::Http2 {
+                if *this.http2 {
                     return Poll::Pending;
                 }
+                // A request is being served (its own timeouts apply), or hyper still
+                // holds response bytes. hyper will not poll the read side again until
+                // the socket wakes it, so a flush after the request ends re-polls us
+                // to arm the timer.
                 let busy = started != this.state.finished.load(Ordering::SeqCst);
-                let deadline = match (*this.head_deadline, busy) {
-                    (Some(d), _) => d,
-                    (None, false) => *this.last_activity + *this.idle_timeout,
-                    // A request is being served: its own timeouts apply. hyper will
-                    // not poll the read side again until the socket wakes it, so a
-                    // write after the request ends re-polls us to arm the idle timer.
-                    (None, true) => {
-                        *this.parked_busy = true;
-                        return Poll::Pending;
+                if this.head_deadline.is_none() && (busy || *this.unflushed) {
+                    *this.parked_busy = true;
+                    return Poll::Pending;
+                }
+                let (deadline, expiry) = match *this.head_deadline {
+                    Some(d) => (d, Expiry::Head),
+                    None => {
+                        let nap = *this.last_activity + HIBERNATE_AFTER;
+                        let idle = *this.last_activity + *this.idle_timeout;
+                        if nap < idle {
+                            (nap, Expiry::Nap)
+                        } else {
+                            (idle, Expiry::Idle)
+                        }
                     }
                 };
-                if deadline != *this.timer_at {
-                    *this.timer_at = deadline;
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_pending() {
+                if !poll_deadline(this.timer, this.timer_at, deadline, cx) {
                     return Poll::Pending;
                 }
-                if this.head_deadline.is_some() {
-                    tracing::debug!("request headers not complete in time; answering 408");
-                    *this.closing = Some((timeout_response(), 0));
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                match expiry {
+                    Expiry::Head => {
+                        tracing::debug!("request headers not complete in time; answering 408");
+                        *this.closing = Some((timeout_response(), 0));
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                    // Idle keep-alive connection: end of stream, hyper closes it.
+                    Expiry::Idle => Poll::Ready(Ok(())),
+                    Expiry::Nap => {
+                        this.state.hibernate.store(true, Ordering::Relaxed);
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
                 }
-                // Idle keep-alive connection: end of stream, hyper closes it.
-                Poll::Ready(Ok(()))
             }
         }
     }
 }
 
-/// After a write: if the read side parked while a request was in flight and that
-/// request is now done, wake the connection so the read side arms the idle timer.
+/// After a flush: if the read side parked while a request was in flight or bytes
+/// were unflushed, and the connection is now idle, wake it so the read side arms
+/// its timer.
 fn unpark(parked_busy: &mut bool, state: &ConnState, cx: &mut Context<'_>) {
     if *parked_busy && state.started.load(Ordering::SeqCst) == state.finished.load(Ordering::SeqCst)
     {
@@ -476,6 +723,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        *this.unflushed = true;
         let r = this.inner.poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             *this.last_activity = Instant::now();
@@ -487,13 +735,20 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         let this = self.project();
         let r = this.inner.poll_flush(cx);
         if r.is_ready() {
+            // hyper flushes the socket only once its own buffer is written out.
+            *this.unflushed = false;
             unpark(this.parked_busy, this.state, cx);
         }
         r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.state.hibernate.load(Ordering::Relaxed) {
+            // hyper ends its part of a hibernating connection; the socket stays.
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -502,6 +757,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        *this.unflushed = true;
         let r = this.inner.poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             *this.last_activity = Instant::now();

@@ -1309,3 +1309,136 @@ async fn connections_over_max_connections_wait_for_a_free_slot() {
     drop(held.pop());
     assert_eq!(read_reply(&mut third).await.unwrap().status, 200);
 }
+
+// ---------------------------------------------------------------- hibernation
+
+/// Waits until the gateway logs that the connection from `local` hibernated for
+/// the `nth` time (the signal that hyper's state was let go).
+async fn hibernated(local: SocketAddr, nth: usize) {
+    let logs = crate::support::captured_logs();
+    let needle = format!("remote={local}");
+    crate::support::until("the connection hibernates", || {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        let n = text
+            .lines()
+            .filter(|l| l.contains("connection hibernating") && l.contains(&needle))
+            .count();
+        async move { n >= nth }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hibernated_connection_keeps_the_bytes_it_had_read() {
+    let _ = crate::support::captured_logs();
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let _ = &idp;
+    let gw = TestGateway::start(&toml).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+
+    // One request and the first half of the next, in one write: hyper reads both.
+    s.write_all(b"GET /open/a HTTP/1.1\r\nhost: gw\r\n\r\nGET /open/b HTTP/1.1\r\nhos")
+        .await
+        .unwrap();
+    let r = read_reply(&mut s).await.expect("first answer");
+    assert_eq!(r.status, 200);
+    hibernated(local, 1).await;
+    // The half-read head survived hibernation: the rest completes it.
+    s.write_all(b"t: gw\r\n\r\n").await.unwrap();
+    let r = read_reply(&mut s).await.expect("second answer");
+    assert_eq!(r.status, 200);
+    assert!(!r.closed);
+    hibernated(local, 2).await;
+    // And a hibernated connection wakes for a whole new request.
+    s.write_all(b"GET /open/c HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_reply(&mut s).await.expect("third answer");
+    assert_eq!(r.status, 200);
+    let paths: Vec<String> = up.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(paths, ["/a", "/b", "/c"]);
+}
+
+#[tokio::test]
+async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
+    let _ = crate::support::captured_logs();
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+    // More than the socket buffers hold: the end of the body waits in the
+    // gateway while the caller reads nothing.
+    let size: usize = 32 << 20;
+    s.write_all(format!("GET /open/big/{size} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    crate::support::until("the upstream answered", || {
+        let n = up.count();
+        async move { n >= 1 }
+    })
+    .await;
+    // Idle well past the hibernation delay, with a response still unsent.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut buf = Vec::with_capacity(size + 4096);
+    let mut chunk = vec![0u8; 1 << 16];
+    let body_len = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the response ended");
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() >= size {
+                if let Some(len) = payload_len(&buf) {
+                    return len;
+                }
+            }
+        }
+    })
+    .await;
+    let tail = &buf[buf.len().saturating_sub(40)..];
+    let body_len = body_len.unwrap_or_else(|_| {
+        panic!("got {} bytes, ending {:?}", buf.len(), String::from_utf8_lossy(tail))
+    });
+    assert_eq!(body_len, size);
+    // The connection still serves, and hibernates once truly idle.
+    s.write_all(b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut s).await.expect("an answer").status, 200);
+    hibernated(local, 1).await;
+}
+
+/// The payload length of a complete HTTP/1.1 response (content-length or
+/// chunked), or `None` if it is not complete yet.
+fn payload_len(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if let Some(cl) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+        let n: usize = cl.trim().parse().ok()?;
+        return (buf.len() >= head_end + n).then_some(n);
+    }
+    let (mut at, mut total) = (head_end, 0);
+    loop {
+        let line = buf[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&buf[at..at + line]).ok()?.trim(), 16)
+            .ok()?;
+        at += line + 2;
+        if size == 0 {
+            return Some(total);
+        }
+        total += size;
+        at += size + 2;
+        if at > buf.len() {
+            return None;
+        }
+    }
+}
