@@ -15,8 +15,8 @@ use crate::audit::AuditSink;
 use crate::caller::Callers;
 use crate::config::{Config, RouteConfig, UpstreamTls};
 use crate::egress::EgressProxy;
-use crate::forward::body::UpstreamBody;
-use crate::forward::client::{self, HttpClient};
+use crate::forward::client::{self, Connector};
+use crate::forward::pool::Upstream;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
 use crate::token::{Provider, ProviderDeps, StoreHandle};
@@ -28,12 +28,11 @@ pub struct Route {
     pub name: Arc<str>,
     pub provider: Option<Arc<Provider>>,
     pub allow: Option<Vec<Arc<str>>>,
-    pub scheme: Scheme,
-    pub authority: Authority,
     /// The upstream's base path without trailing '/'.
     pub base_path: String,
     pub host_header: HeaderValue,
-    pub client: HttpClient<UpstreamBody>,
+    /// Connections to the route's origin, shared with other routes to it.
+    pub upstream: Upstream,
     pub metrics: RouteMetrics,
 }
 
@@ -198,24 +197,13 @@ fn build_snapshot(
         providers.insert(name.clone(), provider);
     }
 
-    let mut clients: HashMap<(UpstreamTls, bool), HttpClient<UpstreamBody>> = HashMap::new();
+    // One connector per TLS setting, one pool per origin: routes to the same
+    // origin share their connections.
+    let mut connectors: HashMap<(UpstreamTls, bool), Connector> = HashMap::new();
+    let mut upstreams: HashMap<(UpstreamTls, Scheme, Authority), Upstream> = HashMap::new();
     let mut routes = Vec::with_capacity(config.routes.len());
     for (i, rc) in config.routes.iter().enumerate() {
-        let https = rc.upstream.scheme() == Some(&Scheme::HTTPS);
-        let key = (rc.tls.clone(), https);
-        let client = match clients.get(&key) {
-            Some(c) => c.clone(),
-            None => {
-                let cert = match (&rc.tls.client_cert, &rc.tls.client_key) {
-                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                    _ => None,
-                };
-                let c = client::build(rc.tls.ca.as_deref(), cert, https, &proxy)
-                    .map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
-                clients.insert(key, c.clone());
-                c
-            }
-        };
+        let scheme = rc.upstream.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let authority = rc
             .upstream
             .authority()
@@ -223,6 +211,24 @@ fn build_snapshot(
             .ok_or_else(|| format!("{file}: routes[{i}].upstream: no host"))?;
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|_| format!("{file}: routes[{i}].upstream: bad host"))?;
+        let https = scheme == Scheme::HTTPS;
+        let connector = match connectors.get(&(rc.tls.clone(), https)) {
+            Some(c) => c.clone(),
+            None => {
+                let cert = match (&rc.tls.client_cert, &rc.tls.client_key) {
+                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                    _ => None,
+                };
+                let c = client::connector(rc.tls.ca.as_deref(), cert, https, &proxy)
+                    .map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
+                connectors.insert((rc.tls.clone(), https), c.clone());
+                c
+            }
+        };
+        let upstream = upstreams
+            .entry((rc.tls.clone(), scheme.clone(), authority.clone()))
+            .or_insert_with(|| Upstream::new(connector, scheme, authority))
+            .clone();
         routes.push(Route {
             name: Arc::from(rc.name.as_str()),
             provider: rc.provider.as_ref().and_then(|p| providers.get(p).cloned()),
@@ -230,11 +236,9 @@ fn build_snapshot(
                 .allow
                 .as_ref()
                 .map(|a| a.iter().map(|s| Arc::from(s.as_str())).collect()),
-            scheme: rc.upstream.scheme().cloned().unwrap_or(Scheme::HTTPS),
             base_path: rc.upstream.path().trim_end_matches('/').to_owned(),
-            authority,
             host_header,
-            client,
+            upstream,
             metrics: metrics.route(&rc.name),
             cfg: rc.clone(),
         });

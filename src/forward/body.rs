@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::pool::ResponseBody;
+
 /// The error a body yields when it grows past `listen.max_body`; found again in the
 /// upstream client's cause chain to answer 413.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,7 @@ pin_project_lite::pin_project! {
     #[project = GatewayBodyProj]
     #[derive(Debug)]
     pub enum GatewayBody {
-        Upstream { #[pin] inner: Incoming },
+        Upstream { #[pin] inner: ResponseBody },
         Full { data: Option<Bytes> },
     }
 }
@@ -46,7 +48,7 @@ impl GatewayBody {
         GatewayBody::Full { data: None }
     }
 
-    pub fn upstream(inner: Incoming) -> Self {
+    pub fn upstream(inner: ResponseBody) -> Self {
         GatewayBody::Upstream { inner }
     }
 }

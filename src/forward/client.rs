@@ -1,5 +1,6 @@
-//! The pooled outbound HTTP client: HTTP/1.1 and HTTP/2 (by ALPN) over rustls, one
-//! pool per distinct TLS setting, shared by every route that uses it.
+//! Outbound connections: HTTP/1.1 and HTTP/2 (by ALPN) over rustls, through the
+//! egress proxy where it applies. The token endpoints use hyper-util's pooled
+//! client built here; the data path pools its own connections (`super::pool`).
 
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ pub type Connector = HttpsConnector<ProxyConnector>;
 pub type HttpClient<B> = Client<Connector, B>;
 
 /// Builds a client trusting the OS roots plus `ca`, presenting `client_cert` when
-/// set, connecting through `proxy` (the egress proxy) where it applies.
+/// set, connecting through `proxy` (the egress proxy) where it applies. The data
+/// path uses [`connector`] with its own pool (`super::pool`) instead.
 pub fn build<B>(
     ca: Option<&std::path::Path>,
     client_cert: Option<(&std::path::Path, &std::path::Path)>,
@@ -27,6 +29,22 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector(ca, client_cert, h2, proxy)?))
+}
+
+/// TCP (direct or through the egress proxy), then TLS for https destinations;
+/// offers h2 by ALPN when `h2`.
+pub fn connector(
+    ca: Option<&std::path::Path>,
+    client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    h2: bool,
+    proxy: &EgressProxy,
+) -> Result<Connector, TlsError> {
     let tls = client_config(ca, client_cert, h2)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -37,15 +55,9 @@ where
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
-    let connector = if h2 {
+    Ok(if h2 {
         builder.enable_all_versions().wrap_connector(http)
     } else {
         builder.enable_http1().wrap_connector(http)
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector))
+    })
 }

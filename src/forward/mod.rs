@@ -28,9 +28,11 @@ pub mod body;
 mod broker;
 pub mod client;
 pub mod headers;
+pub mod pool;
 
 use body::{BodyTooLarge, CallerBodyError, GatewayBody, UpstreamBody};
 use headers::{strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID};
+use pool::ResponseBody;
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -265,7 +267,8 @@ async fn proxy(
                         .await
                     {
                         Some(fresh) => {
-                            // Let the 401's connection go back to the pool.
+                            // Its connection goes back to the pool only if the
+                            // 401's body was already over; else it closes.
                             drop(resp);
                             out.replayed = true;
                             out.generation = Some(fresh.generation);
@@ -376,18 +379,15 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// Origin-form (`/path?query`): what HTTP/1 sends to the upstream itself; the pool
+/// adds scheme and authority where the connection needs them.
 fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut path = String::with_capacity(
         route.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
     );
     crate::route::join_path(&mut path, &route.base_path, rest, query);
-    let pq = PathAndQuery::from_maybe_shared(Bytes::from(path))
-        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
-    Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(pq)
-        .build()
+    PathAndQuery::from_maybe_shared(Bytes::from(path))
+        .map(Uri::from)
         .map_err(|_| ProxyError::BadRequest("invalid path"))
 }
 
@@ -475,8 +475,8 @@ async fn send(
     route: &Route,
     req: Request<UpstreamBody>,
     deadline: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout_at(deadline, route.client.request(req)).await {
+) -> Result<Response<ResponseBody>, ProxyError> {
+    match tokio::time::timeout_at(deadline, route.upstream.send(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {

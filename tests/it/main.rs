@@ -8,6 +8,7 @@ mod fleet;
 mod forward;
 mod ops;
 mod persist;
+mod pool;
 mod sec;
 mod tokens;
 mod upstream_tls;

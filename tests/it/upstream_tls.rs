@@ -12,6 +12,7 @@ use crate::support::{full, Client, TestGateway};
 
 #[derive(Debug, Default)]
 struct Seen {
+    connections: usize,
     versions: Vec<String>,
     client_cert: Vec<bool>,
 }
@@ -57,6 +58,7 @@ async fn tls_upstream(
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let seen = seen2.clone();
+            seen.lock().unwrap().connections += 1;
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(s).await else {
                     return;
@@ -128,6 +130,40 @@ upstream = "https://localhost:{port}/base"
     let r = c.get(&gw.url("/untrusted/x")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.json()["error"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn an_h2_upstream_gets_one_connection_for_sequential_and_concurrent_requests() {
+    let ca = ca("h2 pool CA");
+    let server = leaf(&ca, &["localhost"], false);
+    let (addr, seen) = tls_upstream(&server, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem);
+    let toml = format!(
+        "[[routes]]\nprefix = \"/h2\"\nupstream = \"https://localhost:{port}\"\nca = \"{ca_path}\"\n",
+        port = addr.port()
+    );
+    let gw = TestGateway::start_in(dir, &toml).await.unwrap();
+    let c = Client::new();
+    for _ in 0..5 {
+        assert_eq!(c.get(&gw.url("/h2/x")).await.status, StatusCode::OK);
+    }
+    let all = (0..10).map(|_| {
+        let c = c.clone();
+        let url = gw.url("/h2/y");
+        tokio::spawn(async move { c.get(&url).await.status })
+    });
+    for status in futures_util::future::join_all(all).await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.versions.len(), 15);
+    assert!(
+        seen.versions.iter().all(|v| v == "HTTP/2.0"),
+        "{:?}",
+        seen.versions
+    );
+    assert_eq!(seen.connections, 1);
 }
 
 #[tokio::test]

@@ -1,0 +1,446 @@
+//! The data path's upstream connections, on hyper's connection-level client.
+//!
+//! One [`Upstream`] per origin (scheme, host, port, TLS settings). HTTP/1.1
+//! connections wait in a lock-free queue; a response body hands its connection back
+//! when it reaches its end, so a request costs no lock, no spawned task and no
+//! boxed future. An origin that negotiates h2 by ALPN gets one shared connection,
+//! multiplexed. hyper-util's pooled client does the same with a mutex per checkout
+//! and return and a task per HTTP/1 request; it stays for the token endpoints,
+//! where a request a minute does not matter.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use http::header::CONNECTION;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::Connection;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::{BoxError, UpstreamBody};
+use super::client::Connector;
+
+/// Longer idle and the upstream has likely dropped it (the legacy client's setting).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1 connections kept per origin; more are closed when they come back.
+const MAX_IDLE: usize = 256;
+
+/// Why a request got no response from the upstream. Errors of the request body
+/// (too large, the caller's stream broke) are in the cause chain of `Request`.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connecting to the upstream")]
+    Connect(#[source] BoxError),
+    #[error("upstream connection handshake")]
+    Handshake(#[source] hyper::Error),
+    #[error("sending the request upstream")]
+    Request(#[source] hyper::Error),
+}
+
+/// The connections to one origin. Cheap to clone; routes to the same origin with
+/// the same TLS settings share one.
+#[derive(Clone)]
+pub struct Upstream {
+    origin: Arc<Origin>,
+}
+
+struct Origin {
+    connector: Connector,
+    scheme: Scheme,
+    authority: Authority,
+    /// `scheme://authority/`: what the connector dials.
+    dst: Uri,
+    idle: ArrayQueue<Idle>,
+    h2: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
+    /// Set while the origin answers ALPN with h2: the per-request check of `h2` is
+    /// skipped for the (common) HTTP/1 origins, and reconnects go one at a time
+    /// so that a burst after a GOAWAY makes one connection, not one per request.
+    speaks_h2: AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
+    reaper_started: AtomicBool,
+}
+
+struct Idle {
+    tx: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+    proxied: bool,
+}
+
+/// An HTTP/1 connection checked out for one request.
+struct H1 {
+    tx: http1::SendRequest<UpstreamBody>,
+    /// Leads to a forward proxy: requests go in absolute form.
+    proxied: bool,
+}
+
+enum Fresh {
+    H1(H1),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+/// A connection that failed before the request was written gives the request
+/// back: from a pooled connection it is sent once more on a fresh one.
+type Attempt = Result<Response<ResponseBody>, (SendError, Option<Request<UpstreamBody>>)>;
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("origin", &self.origin.dst)
+            .field("idle", &self.origin.idle.len())
+            .field("h2", &self.origin.speaks_h2.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(connector: Connector, scheme: Scheme, authority: Authority) -> Self {
+        let dst = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        Upstream {
+            origin: Arc::new(Origin {
+                connector,
+                scheme,
+                authority,
+                dst,
+                idle: ArrayQueue::new(MAX_IDLE),
+                h2: ArcSwapOption::empty(),
+                speaks_h2: AtomicBool::new(false),
+                connecting: tokio::sync::Mutex::new(()),
+                reaper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `req` (origin- or absolute-form; either is fixed up per connection)
+    /// and returns the response as soon as its head arrives.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        let req = if let Some(tx) = self.live_h2() {
+            match self.send_h2(tx, req).await {
+                Err((_, Some(unsent))) => unsent,
+                done => return done.map_err(|(e, _)| e),
+            }
+        } else if let Some(conn) = self.checkout().await {
+            match self.send_h1(conn, req).await {
+                Err((_, Some(unsent))) => unsent,
+                done => return done.map_err(|(e, _)| e),
+            }
+        } else {
+            req
+        };
+        let sent = match self.connect().await? {
+            Fresh::H1(conn) => self.send_h1(conn, req).await,
+            Fresh::H2(tx) => self.send_h2(tx, req).await,
+        };
+        sent.map_err(|(e, _)| e)
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        if !self.origin.speaks_h2.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.origin
+            .h2
+            .load()
+            .as_deref()
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+    }
+
+    /// The oldest usable idle connection. One handed back at the end of a body
+    /// may not have finished reading it yet: `ready` waits for that (briefly) or
+    /// tells that it closed.
+    async fn checkout(&self) -> Option<H1> {
+        while let Some(mut idle) = self.origin.idle.pop() {
+            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            if !idle.tx.is_ready() && idle.tx.ready().await.is_err() {
+                continue;
+            }
+            return Some(H1 {
+                tx: idle.tx,
+                proxied: idle.proxied,
+            });
+        }
+        None
+    }
+
+    async fn send_h1(&self, mut conn: H1, mut req: Request<UpstreamBody>) -> Attempt {
+        self.set_form(req.uri_mut(), conn.proxied);
+        let resp = match conn.tx.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                let unsent = e.take_message();
+                return Err((SendError::Request(e.into_error()), unsent));
+            }
+        };
+        let (parts, inner) = resp.into_parts();
+        let mut checkin = (!asks_close(&parts.headers)).then(|| Checkin {
+            origin: self.origin.clone(),
+            tx: conn.tx,
+            proxied: conn.proxied,
+        });
+        // Nothing will poll a body that is already over (HEAD, 204, length 0).
+        if inner.is_end_stream() {
+            if let Some(c) = checkin.take() {
+                c.put_back();
+            }
+        }
+        Ok(Response::from_parts(parts, ResponseBody { inner, checkin }))
+    }
+
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
+    ) -> Attempt {
+        self.set_form(req.uri_mut(), true);
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(|inner| ResponseBody {
+                inner,
+                checkin: None,
+            })),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err((SendError::Request(e.into_error()), unsent))
+            }
+        }
+    }
+
+    /// HTTP/1 sends the URI as given: origin-form to the upstream itself,
+    /// absolute-form to a forward proxy (plain http through the egress proxy) and
+    /// for h2, whose `:scheme` and `:authority` come from it.
+    fn set_form(&self, uri: &mut Uri, absolute: bool) {
+        if uri.authority().is_some() == absolute {
+            return;
+        }
+        let pq = uri.path_and_query().cloned();
+        *uri = if absolute {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.origin.scheme.clone());
+            parts.authority = Some(self.origin.authority.clone());
+            parts.path_and_query =
+                Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            Uri::from_parts(parts).unwrap_or_default()
+        } else {
+            pq.map(Uri::from).unwrap_or_default()
+        };
+    }
+
+    /// A new connection, HTTP/1.1 or h2 as ALPN decides, its connection task
+    /// spawned (one per connection). Known h2 origins connect one at a time.
+    async fn connect(&self) -> Result<Fresh, SendError> {
+        let o = &self.origin;
+        let _one_at_a_time = if o.speaks_h2.load(Ordering::Relaxed) {
+            let guard = o.connecting.lock().await;
+            if let Some(tx) = self.live_h2() {
+                return Ok(Fresh::H2(tx));
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        if !o.reaper_started.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(o)));
+        }
+        let mut connector = o.connector.clone();
+        futures_util::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(o.dst.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let connected = io.connected();
+        if connected.is_negotiated_h2() {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(SendError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection failed");
+                }
+            });
+            o.h2.store(Some(Arc::new(tx.clone())));
+            o.speaks_h2.store(true, Ordering::Relaxed);
+            return Ok(Fresh::H2(tx));
+        }
+        o.speaks_h2.store(false, Ordering::Relaxed);
+        let (mut tx, conn) = http1::handshake(io).await.map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection failed");
+            }
+        });
+        tx.ready().await.map_err(SendError::Handshake)?;
+        Ok(Fresh::H1(H1 {
+            tx,
+            proxied: connected.is_proxied(),
+        }))
+    }
+}
+
+/// The response announced it closes the connection after itself.
+fn asks_close(h: &HeaderMap) -> bool {
+    h.get_all(CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// Drops idle connections past their timeout even when no request comes to pop
+/// them, as the legacy client's pool timer did. Ends with the origin.
+async fn reap(origin: Weak<Origin>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(o) = origin.upgrade() else { return };
+        for _ in 0..o.idle.len() {
+            let Some(idle) = o.idle.pop() else { break };
+            if !idle.tx.is_closed() && idle.since.elapsed() <= IDLE_TIMEOUT {
+                // Full only if requests refilled it meanwhile: then this one can go.
+                let _ = o.idle.push(idle);
+            }
+        }
+    }
+}
+
+/// What goes back to the idle queue when a response body ends cleanly.
+struct Checkin {
+    origin: Arc<Origin>,
+    tx: http1::SendRequest<UpstreamBody>,
+    proxied: bool,
+}
+
+impl Checkin {
+    fn put_back(self) {
+        if self.tx.is_closed() {
+            return;
+        }
+        // A full queue refuses it: dropping the sender closes the connection.
+        let _ = self.origin.idle.push(Idle {
+            tx: self.tx,
+            since: Instant::now(),
+            proxied: self.proxied,
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body. For HTTP/1 it holds the connection, which goes
+    /// back to the pool at a clean end of stream; an error, or a body dropped
+    /// before its end, closes the connection instead (its unread rest would be
+    /// read as the next response).
+    pub struct ResponseBody {
+        #[pin]
+        inner: Incoming,
+        checkin: Option<Checkin>,
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .field("pooled", &self.checkin.is_some())
+            .finish()
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let ended = match &frame {
+            None => true,
+            // A body of known length ends with its last byte; hyper's server then
+            // stops polling without asking for the `None`.
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => {
+                this.checkin.take();
+                false
+            }
+        };
+        if ended {
+            if let Some(c) = this.checkin.take() {
+                c.put_back();
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::egress::EgressProxy;
+
+    #[test]
+    fn connection_close_is_found_among_other_tokens() {
+        let mut h = HeaderMap::new();
+        assert!(!asks_close(&h));
+        h.insert(CONNECTION, "keep-alive, x-hop".parse().unwrap());
+        assert!(!asks_close(&h));
+        h.append(CONNECTION, "x-other ,  Close".parse().unwrap());
+        assert!(asks_close(&h));
+        h.insert(CONNECTION, "closed".parse().unwrap());
+        assert!(!asks_close(&h));
+    }
+
+    #[tokio::test]
+    async fn uris_take_the_form_each_connection_needs() {
+        let connector =
+            super::super::client::connector(None, None, false, &EgressProxy::direct()).unwrap();
+        let up = Upstream::new(
+            connector,
+            Scheme::HTTP,
+            Authority::from_static("api.example:8080"),
+        );
+        let mut uri = Uri::from_static("/v2/x?q=1");
+        up.set_form(&mut uri, false);
+        assert_eq!(uri, "/v2/x?q=1");
+        up.set_form(&mut uri, true);
+        assert_eq!(uri, "http://api.example:8080/v2/x?q=1");
+        up.set_form(&mut uri, true);
+        assert_eq!(uri, "http://api.example:8080/v2/x?q=1");
+        up.set_form(&mut uri, false);
+        assert_eq!(uri, "/v2/x?q=1");
+    }
+}
