@@ -179,26 +179,32 @@ pub async fn serve<H, F>(
                     conn.run(stream, h2, handler).await
                 }
                 Some(acceptor) => {
-                    // A caller that stalls the handshake is cut like one that
-                    // stalls its headers.
-                    let accept = tokio::time::timeout(conn.header_timeout, acceptor.accept(stream));
-                    let stream = match accept.await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let mut conn = conn;
-                    conn.info.cert_names = Arc::from(crate::tls::peer_names(
-                        stream.get_ref().1.peer_certificates(),
-                    ));
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    conn.run(stream, h2, handler).await
+                    // Boxed: the TLS state would otherwise size every connection's task,
+                    // plaintext ones included.
+                    Box::pin(async move {
+                        // A caller that stalls the handshake is cut like one that
+                        // stalls its headers.
+                        let accept =
+                            tokio::time::timeout(conn.header_timeout, acceptor.accept(stream));
+                        let stream = match accept.await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let mut conn = conn;
+                        conn.info.cert_names = Arc::from(crate::tls::peer_names(
+                            stream.get_ref().1.peer_certificates(),
+                        ));
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        conn.run(stream, h2, handler).await
+                    })
+                    .await
                 }
             }
         });
@@ -317,7 +323,7 @@ impl Conn {
                 .protocols
                 .http2
                 .serve_connection(TokioIo::new(io), service);
-            let mut conn = std::pin::pin!(conn);
+            let mut conn = Box::pin(conn);
             let mut draining = std::pin::pin!(self.drain.cancelled());
             let mut asked = false;
             std::future::poll_fn(|cx| {
@@ -354,21 +360,22 @@ where
 {
     let state = io.state.clone();
     loop {
-        let mut conn = builder.serve_connection(TokioIo::new(io), service);
+        // Boxed, so that a hibernating connection's task does not keep room for it.
+        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
         let mut draining = std::pin::pin!(drain.cancelled());
         let mut closing = false;
         std::future::poll_fn(|cx| {
             if !closing && draining.as_mut().poll(cx).is_ready() {
                 closing = true;
-                Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
             }
-            let polled = Pin::new(&mut conn).poll(cx);
+            let polled = Pin::new(&mut *conn).poll(cx);
             if polled.is_pending() && !closing && state.hibernate.load(Ordering::Relaxed) {
                 // Idle between requests (see `Guarded`): hyper closes at once,
                 // without touching the socket, and hands back what it had read.
                 closing = true;
-                Pin::new(&mut conn).graceful_shutdown();
-                return Pin::new(&mut conn).poll(cx);
+                Pin::new(&mut *conn).graceful_shutdown();
+                return Pin::new(&mut *conn).poll(cx);
             }
             polled
         })
@@ -376,11 +383,14 @@ where
         if !state.hibernate.swap(false, Ordering::Relaxed) || drain.is_cancelled() {
             return Ok(());
         }
-        let parts = conn.into_parts();
+        let parts = (*conn).into_parts();
         tracing::trace!(%remote, buffered = parts.read_buf.len(), "connection hibernating");
         io = parts.io.into_inner();
         service = parts.service;
-        if parts.read_buf.is_empty() {
+        let leftover = parts.read_buf;
+        if leftover.is_empty() {
+            // Even empty, it holds hyper's whole read buffer.
+            drop(leftover);
             let woken = tokio::select! {
                 r = std::future::poll_fn(|cx| Pin::new(&mut io).poll_wake(cx)) => r,
                 _ = drain.cancelled() => false,
@@ -391,7 +401,7 @@ where
             }
         } else {
             // Bytes of a next request that hyper had read: served before the socket.
-            io.rewind(parts.read_buf);
+            io.rewind(leftover);
         }
     }
 }

@@ -1406,7 +1406,11 @@ async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     .await;
     let tail = &buf[buf.len().saturating_sub(40)..];
     let body_len = body_len.unwrap_or_else(|_| {
-        panic!("got {} bytes, ending {:?}", buf.len(), String::from_utf8_lossy(tail))
+        panic!(
+            "got {} bytes, ending {:?}",
+            buf.len(),
+            String::from_utf8_lossy(tail)
+        )
     });
     assert_eq!(body_len, size);
     // The connection still serves, and hibernates once truly idle.
