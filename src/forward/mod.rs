@@ -261,39 +261,47 @@ async fn proxy(
         {
             match kept {
                 Some((headers, data)) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match provider
-                        .after_unauthorized(sent.generation, remaining)
-                        .await
-                    {
-                        Some(fresh) => {
-                            // Its connection goes back to the pool only if the
-                            // 401's body was already over; else it closes.
-                            drop(resp);
-                            out.replayed = true;
-                            out.generation = Some(fresh.generation);
-                            let replay = with_credential(
-                                method,
-                                uri,
-                                headers,
-                                &provider.cfg.header,
-                                &fresh,
-                                data,
-                            );
-                            let resp = send(route, replay, deadline).await?;
-                            if resp.status() == StatusCode::UNAUTHORIZED {
-                                provider.replay_rejected(fresh.generation);
-                                route.metrics.replay(ReplayOutcome::Unauthorized);
-                            } else {
-                                route.metrics.replay(ReplayOutcome::Ok);
-                            }
-                            resp
-                        }
-                        None => {
-                            route.metrics.replay(ReplayOutcome::Skipped);
-                            resp
-                        }
-                    }
+                    // Boxed: the replay path is rare, and inline its futures would
+                    // size every request's future.
+                    let out = &mut *out;
+                    Box::pin(async move {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        Ok::<_, ProxyError>(
+                            match provider
+                                .after_unauthorized(sent.generation, remaining)
+                                .await
+                            {
+                                Some(fresh) => {
+                                    // Its connection goes back to the pool only if the
+                                    // 401's body was already over; else it closes.
+                                    drop(resp);
+                                    out.replayed = true;
+                                    out.generation = Some(fresh.generation);
+                                    let replay = with_credential(
+                                        method,
+                                        uri,
+                                        headers,
+                                        &provider.cfg.header,
+                                        &fresh,
+                                        data,
+                                    );
+                                    let resp = send(route, replay, deadline).await?;
+                                    if resp.status() == StatusCode::UNAUTHORIZED {
+                                        provider.replay_rejected(fresh.generation);
+                                        route.metrics.replay(ReplayOutcome::Unauthorized);
+                                    } else {
+                                        route.metrics.replay(ReplayOutcome::Ok);
+                                    }
+                                    resp
+                                }
+                                None => {
+                                    route.metrics.replay(ReplayOutcome::Skipped);
+                                    resp
+                                }
+                            },
+                        )
+                    })
+                    .await?
                 }
                 None => {
                     // Not replayable (body streamed, or replay = false): the 401

@@ -145,7 +145,9 @@ impl Upstream {
         } else {
             req
         };
-        let sent = match self.connect().await? {
+        // Boxed: connecting is rare, and inline its handshake futures would size
+        // every request's future, which hyper moves in and out per request.
+        let sent = match Box::pin(self.connect()).await? {
             Fresh::H1(conn) => self.send_h1(conn, req).await,
             Fresh::H2(tx) => self.send_h2(tx, req).await,
         };

@@ -367,7 +367,8 @@ impl Provider {
             }
         };
         self.metrics.waiter();
-        match wait_outcome(rx, wait).await {
+        // Boxed: waiting is the rare path; inline it would size every request.
+        match Box::pin(wait_outcome(rx, wait)).await {
             Ok(t) if t.is_valid(Instant::now()) => Ok(Credential {
                 header_value: t.header_value.clone(),
                 generation: t.generation,
