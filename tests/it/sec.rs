@@ -1366,6 +1366,34 @@ async fn a_hibernated_connection_keeps_the_bytes_it_had_read() {
 }
 
 #[tokio::test]
+async fn shutdown_does_not_wait_for_hibernated_connections() {
+    let _ = crate::support::captured_logs();
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+    s.write_all(b"GET /open/a HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut s).await.expect("an answer").status, 200);
+    hibernated(local, 1).await;
+    // The drain ends an idle connection at once, rather than after the grace period.
+    tokio::time::timeout(std::time::Duration::from_secs(10), gw.stop())
+        .await
+        .expect("shutdown finished without waiting for the idle connection");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
 async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     let _ = crate::support::captured_logs();
     let up = MockUpstream::start().await;
