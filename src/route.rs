@@ -105,6 +105,18 @@ impl RouteTable {
 
 /// Joins the upstream base path and the rest of the request path, keeping the query.
 /// `base` has no trailing '/' unless it is "/" or empty.
+/// The exact length [`join_path`] produces: a buffer of exactly that capacity
+/// becomes a `Bytes` without a second allocation.
+pub fn joined_len(base: &str, rest: &str, query: Option<&str>) -> usize {
+    let base = base.trim_end_matches('/');
+    let path = match (rest.is_empty(), base.is_empty()) {
+        (false, _) => rest.len(),
+        (true, true) => 1,
+        (true, false) => 0,
+    };
+    base.len() + path + query.map_or(0, |q| q.len() + 1)
+}
+
 pub fn join_path(out: &mut String, base: &str, rest: &str, query: Option<&str>) {
     let base = base.trim_end_matches('/');
     out.push_str(base);
@@ -186,6 +198,7 @@ mod tests {
         let j = |b: &str, r: &str, q: Option<&str>| {
             let mut s = String::new();
             join_path(&mut s, b, r, q);
+            assert_eq!(s.len(), joined_len(b, r, q), "length of {s:?}");
             s
         };
         assert_eq!(j("/v2", "/invoices", Some("page=2")), "/v2/invoices?page=2");

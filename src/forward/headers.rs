@@ -7,17 +7,68 @@ pub static X_AUTHGATE_KEY: HeaderName = HeaderName::from_static("x-authgate-key"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Hop-by-hop fields (RFC 9110 §7.6.1), plus the obsolete `proxy-connection`.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
+    &header::PROXY_AUTHENTICATE,
+    &header::TRAILER,
+];
+
+/// Caller fields that never travel upstream: its own credentials, `forwarded`
+/// (third parties learn nothing of our network) and `host` (the route sets it).
+static CALLER_ONLY: [&HeaderName; 4] = [
+    &header::AUTHORIZATION,
+    &X_AUTHGATE_KEY,
+    &header::FORWARDED,
+    &header::HOST,
+];
+
+/// Which of `names` are present, as a bit per index. Every message passes here
+/// twice and most carry none of them: one scan of its few fields, comparing
+/// names, costs less than a hashed lookup per candidate.
+fn present(headers: &HeaderMap, names: &[&HeaderName]) -> u32 {
+    let mut found = 0;
+    for key in headers.keys() {
+        if let Some(i) = names.iter().position(|n| *n == key) {
+            found |= 1 << i;
+        }
+    }
+    found
+}
+
+fn remove_found(headers: &mut HeaderMap, names: &[&HeaderName], found: u32) {
+    for (i, name) in names.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+}
+
 /// Removes hop-by-hop fields: the fixed list and every field named in `connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in `connection` are hop-by-hop too. Collecting them is the one
-    // allocation here, and only when a `connection` header carries names.
-    if headers.contains_key(header::CONNECTION) {
+    let found = present(headers, &HOP_BY_HOP);
+    if found == 0 {
+        return;
+    }
+    // Names listed in `connection` (bit 0) are hop-by-hop too. Collecting them
+    // is the one allocation here, and only when a `connection` header exists.
+    if found & 1 != 0 {
+        // `keep-alive` and `close`, the usual tokens, name nothing more to strip
+        // (`keep-alive` is on the fixed list): no allocation for them.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for name in named {
             // Never let `connection: x-request-id` strip our own correlation id.
@@ -26,35 +77,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-        &header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
+    remove_found(headers, &HOP_BY_HOP, found);
 }
 
-/// Caller-side fields that never travel upstream: its own credentials, and
-/// `x-forwarded-*`/`forwarded` (third parties learn nothing of our network).
+/// Caller-side fields that never travel upstream: its own credentials, `host`,
+/// and `x-forwarded-*`/`forwarded` (third parties learn nothing of our network).
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(&X_AUTHGATE_KEY);
-    headers.remove(header::FORWARDED);
-    headers.remove(header::HOST);
-    let forwarded: Vec<HeaderName> = headers
+    let found = present(headers, &CALLER_ONLY);
+    remove_found(headers, &CALLER_ONLY, found);
+    if headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for k in forwarded {
-        headers.remove(k);
+        .any(|k| k.as_str().starts_with("x-forwarded-"))
+    {
+        let forwarded: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for k in forwarded {
+            headers.remove(k);
+        }
     }
 }
 
@@ -66,15 +108,17 @@ pub fn acceptable_request_id(v: &http::HeaderValue) -> bool {
 }
 
 pub fn new_request_id() -> http::HeaderValue {
-    // 128 random bits as 32 hex digits, formatted on the stack: the header value's
-    // own buffer is the only allocation.
+    // 128 random bits as 32 hex digits, formatted on the stack. The id goes into
+    // the upstream request, the response and the audit line: owned by a `Bytes`
+    // built with `from_owner`, its one allocation is shared by every clone (a
+    // `Bytes` made from a `Vec` allocates again on its first clone).
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::random();
     let mut buf = [0u8; 32];
     for (i, b) in buf.iter_mut().enumerate() {
         *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    http::HeaderValue::from_bytes(&buf)
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
         .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
 }
 

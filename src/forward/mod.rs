@@ -4,11 +4,13 @@
 //! No lock, no store access, no log line per successful request.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, WWW_AUTHENTICATE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -390,9 +392,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// Origin-form (`/path?query`): what HTTP/1 sends to the upstream itself; the pool
 /// adds scheme and authority where the connection needs them.
 fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let mut path = String::with_capacity(
-        route.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
-    );
+    let mut path = String::with_capacity(crate::route::joined_len(&route.base_path, rest, query));
     crate::route::join_path(&mut path, &route.base_path, rest, query);
     PathAndQuery::from_maybe_shared(Bytes::from(path))
         .map(Uri::from)
@@ -479,12 +479,14 @@ fn with_credential(
     build_request(method, uri, headers, UpstreamBody::buffered(data))
 }
 
-async fn send(
+/// Not an `async fn`, which would keep `req` twice (as its argument and inside
+/// the pool's future): this future is moved with every request's.
+fn send(
     route: &Route,
     req: Request<UpstreamBody>,
     deadline: Instant,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    match tokio::time::timeout_at(deadline, route.upstream.send(req)).await {
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + '_ {
+    tokio::time::timeout_at(deadline, route.upstream.send(req)).map(|sent| match sent {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {
@@ -496,7 +498,7 @@ async fn send(
                 Err(ProxyError::UpstreamUnreachable(Box::new(e)))
             }
         }
-    }
+    })
 }
 
 /// RFC 6750 §3.1: refresh on `invalid_token`, or when the 401 names no error at
@@ -539,5 +541,37 @@ mod tests {
         assert!(refresh_worthy(&h(r#"Bearer realm="api""#)));
         assert!(!refresh_worthy(&h(r#"Bearer error="invalid_request""#)));
         assert!(!refresh_worthy(&h(r#"Bearer error="insufficient_scope""#)));
+    }
+}
+
+/// hyper moves a request's whole future into place on every request (and each
+/// wrapper moves it again), so its size is paid per request. These bounds catch
+/// a change that balloons it; `Upstream::send` was 1.8 KiB as an `async fn`.
+#[cfg(test)]
+mod future_size {
+    use std::sync::Arc;
+
+    use http::Request;
+    use hyper::body::Incoming;
+
+    use super::{ConnInfo, UpstreamBody};
+    use crate::gateway::{Gateway, Route};
+
+    /// The size of what `f` returns, without calling it.
+    fn returned<A, B, R>(_: impl Fn(A, B) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn request_futures_stay_small() {
+        let upstream =
+            returned(|r: &'static Route, req: Request<UpstreamBody>| r.upstream.send(req));
+        assert!(upstream <= 512, "Upstream::send future is {upstream} bytes");
+        let whole = returned(
+            |gw: &'static Arc<Gateway>, x: (Request<Incoming>, &'static ConnInfo)| {
+                super::serve(gw, x.0, x.1)
+            },
+        );
+        assert!(whole <= 3072, "request future is {whole} bytes");
     }
 }

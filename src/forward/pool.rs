@@ -8,6 +8,7 @@
 //! and return and a task per HTTP/1 request; it stays for the token endpoints,
 //! where a request a minute does not matter.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -128,26 +129,73 @@ impl Upstream {
 
     /// Sends `req` (origin- or absolute-form; either is fixed up per connection)
     /// and returns the response as soon as its head arrives.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: the common cases (a pooled HTTP/1 connection, the
+    /// shared h2 one) are decided here and awaited by [`Exchange`], which holds
+    /// little more than hyper's own future. An `async fn` holding every case's
+    /// future was 1.8 KiB, and hyper moves the whole request future (this one
+    /// inside) into place on every request.
+    pub fn send(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, SendError>> + Send + '_ {
+        if let Some(mut tx) = self.live_h2() {
+            self.set_form(req.uri_mut(), true);
+            return Exchange::H2 {
+                up: self,
+                answer: tx.try_send_request(req),
+            };
+        }
+        while let Some(idle) = self.origin.idle.pop() {
+            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            let mut conn = H1 {
+                tx: idle.tx,
+                proxied: idle.proxied,
+            };
+            if !conn.tx.is_ready() {
+                // Handed back at the end of a body it has not finished reading:
+                // wait for it (briefly), off the common path.
+                return Exchange::Slow {
+                    fut: Box::pin(self.send_when_ready(conn, req)),
+                };
+            }
+            self.set_form(req.uri_mut(), conn.proxied);
+            return Exchange::H1 {
+                up: self,
+                answer: conn.tx.try_send_request(req),
+                conn: Some(conn),
+            };
+        }
+        Exchange::Slow {
+            fut: Box::pin(self.send_fresh(req)),
+        }
+    }
+
+    /// On a pooled connection that was still finishing its previous exchange.
+    async fn send_when_ready(
+        &self,
+        mut conn: H1,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        if conn.tx.ready().await.is_ok() {
+            match self.send_h1(conn, req).await {
+                Err((_, Some(unsent))) => self.send_fresh(unsent).await,
+                done => done.map_err(|(e, _)| e),
+            }
+        } else {
+            self.send_fresh(req).await
+        }
+    }
+
+    /// On a new connection: none was idle, or the one tried closed before it
+    /// wrote the request.
+    async fn send_fresh(
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, SendError> {
-        let req = if let Some(tx) = self.live_h2() {
-            match self.send_h2(tx, req).await {
-                Err((_, Some(unsent))) => unsent,
-                done => return done.map_err(|(e, _)| e),
-            }
-        } else if let Some(conn) = self.checkout().await {
-            match self.send_h1(conn, req).await {
-                Err((_, Some(unsent))) => unsent,
-                done => return done.map_err(|(e, _)| e),
-            }
-        } else {
-            req
-        };
-        // Boxed: connecting is rare, and inline its handshake futures would size
-        // every request's future, which hyper moves in and out per request.
-        let sent = match Box::pin(self.connect()).await? {
+        let sent = match self.connect().await? {
             Fresh::H1(conn) => self.send_h1(conn, req).await,
             Fresh::H2(tx) => self.send_h2(tx, req).await,
         };
@@ -166,25 +214,6 @@ impl Upstream {
             .cloned()
     }
 
-    /// The oldest usable idle connection. One handed back at the end of a body
-    /// may not have finished reading it yet: `ready` waits for that (briefly) or
-    /// tells that it closed.
-    async fn checkout(&self) -> Option<H1> {
-        while let Some(mut idle) = self.origin.idle.pop() {
-            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            if !idle.tx.is_ready() && idle.tx.ready().await.is_err() {
-                continue;
-            }
-            return Some(H1 {
-                tx: idle.tx,
-                proxied: idle.proxied,
-            });
-        }
-        None
-    }
-
     async fn send_h1(&self, mut conn: H1, mut req: Request<UpstreamBody>) -> Attempt {
         self.set_form(req.uri_mut(), conn.proxied);
         let resp = match conn.tx.try_send_request(req).await {
@@ -194,6 +223,12 @@ impl Upstream {
                 return Err((SendError::Request(e.into_error()), unsent));
             }
         };
+        Ok(self.h1_response(conn, resp))
+    }
+
+    /// The connection goes with the body, back to the pool when it ends, unless
+    /// the upstream said it closes it.
+    fn h1_response(&self, conn: H1, resp: Response<Incoming>) -> Response<ResponseBody> {
         let (parts, inner) = resp.into_parts();
         let mut checkin = (!asks_close(&parts.headers)).then(|| Checkin {
             origin: self.origin.clone(),
@@ -206,7 +241,7 @@ impl Upstream {
                 c.put_back();
             }
         }
-        Ok(Response::from_parts(parts, ResponseBody { inner, checkin }))
+        Response::from_parts(parts, ResponseBody { inner, checkin })
     }
 
     async fn send_h2(
@@ -299,6 +334,65 @@ impl Upstream {
             tx,
             proxied: connected.is_proxied(),
         }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Upstream::send`] in flight: hyper's answer on a pooled HTTP/1 connection
+    /// or on the shared h2 one, or, boxed, anything rarer (connecting, waiting
+    /// for a busy connection, retrying on a fresh one).
+    #[project = ExchangeProj]
+    enum Exchange<'a, A, B> {
+        H1 { up: &'a Upstream, conn: Option<H1>, #[pin] answer: A },
+        H2 { up: &'a Upstream, #[pin] answer: B },
+        Slow { fut: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, SendError>> + Send + 'a>> },
+    }
+}
+
+type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
+
+impl<'a, A, B> Future for Exchange<'a, A, B>
+where
+    A: Future<Output = Answer>,
+    B: Future<Output = Answer>,
+{
+    type Output = Result<Response<ResponseBody>, SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (up, mut failed) = match self.as_mut().project() {
+            ExchangeProj::Slow { fut } => return fut.as_mut().poll(cx),
+            ExchangeProj::H1 { up, conn, answer } => match ready!(answer.poll(cx)) {
+                Ok(resp) => {
+                    return Poll::Ready(Ok(match conn.take() {
+                        Some(conn) => up.h1_response(conn, resp),
+                        None => resp.map(|inner| ResponseBody {
+                            inner,
+                            checkin: None,
+                        }),
+                    }))
+                }
+                Err(e) => (*up, e),
+            },
+            ExchangeProj::H2 { up, answer } => match ready!(answer.poll(cx)) {
+                Ok(resp) => {
+                    return Poll::Ready(Ok(resp.map(|inner| ResponseBody {
+                        inner,
+                        checkin: None,
+                    })))
+                }
+                Err(e) => (*up, e),
+            },
+        };
+        // The connection closed before it wrote the request: once more, fresh.
+        match failed.take_message() {
+            Some(unsent) => {
+                self.set(Exchange::Slow {
+                    fut: Box::pin(up.send_fresh(unsent)),
+                });
+                self.poll(cx)
+            }
+            None => Poll::Ready(Err(SendError::Request(failed.into_error()))),
+        }
     }
 }
 
