@@ -185,7 +185,8 @@ impl Upstream {
                 done => done.map_err(|(e, _)| e),
             }
         } else {
-            self.send_fresh(req).await
+            // It closed meanwhile: the next idle one, or a fresh one.
+            self.send(req).await
         }
     }
 
