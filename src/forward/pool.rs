@@ -540,4 +540,96 @@ mod tests {
         up.set_form(&mut uri, false);
         assert_eq!(uri, "/v2/x?q=1");
     }
+
+    /// A loopback HTTP/1 upstream answering every request with a short 200. It
+    /// reports each connection it accepts, and each one whose client closed it.
+    async fn upstream() -> (
+        Authority,
+        tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let tx = tx.clone();
+                let _ = tx.send("accepted");
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = tx.send("closed");
+                });
+            }
+        });
+        (authority, rx)
+    }
+
+    async fn get(up: &Upstream) {
+        let req = Request::get("/x")
+            .body(UpstreamBody::buffered(Bytes::new()))
+            .unwrap();
+        let resp = up.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Read to the end: that is what hands the connection back.
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes(), "ok");
+    }
+
+    async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("no event from the upstream within 10 s")
+            .unwrap()
+    }
+
+    /// The legacy client's 90 s idle limit, kept by the pool: at checkout, and by
+    /// the reaper when no request comes. Time is moved by hand, so the test takes
+    /// no 90 s; the sockets are real.
+    #[tokio::test]
+    async fn idle_connections_expire_at_checkout_and_by_the_reaper() {
+        let (authority, mut events) = upstream().await;
+        let connector =
+            super::super::client::connector(None, None, false, &EgressProxy::direct()).unwrap();
+        let up = Upstream::new(connector, Scheme::HTTP, authority);
+
+        get(&up).await;
+        get(&up).await;
+        assert_eq!(next(&mut events).await, "accepted");
+        assert!(events.try_recv().is_err(), "one connection serves both");
+
+        tokio::time::pause();
+        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        tokio::time::resume();
+        get(&up).await;
+        let mut seen = vec![next(&mut events).await, next(&mut events).await];
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            ["accepted", "closed"],
+            "expired at checkout: a new one"
+        );
+
+        // No request comes now: the reaper's next rounds close it.
+        tokio::time::pause();
+        tokio::time::advance(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
+        tokio::time::resume();
+        assert_eq!(next(&mut events).await, "closed", "the reaper closed it");
+        assert!(up.origin.idle.is_empty());
+    }
 }
