@@ -346,9 +346,11 @@ pin_project_lite::pin_project! {
     enum Exchange<'a, A, B> {
         H1 { up: &'a Upstream, conn: Option<H1>, #[pin] answer: A },
         H2 { up: &'a Upstream, #[pin] answer: B },
-        Slow { fut: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, SendError>> + Send + 'a>> },
+        Slow { fut: Pin<Box<dyn Future<Output = Sent> + Send + 'a>> },
     }
 }
+
+type Sent = Result<Response<ResponseBody>, SendError>;
 
 type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
 
