@@ -218,17 +218,22 @@ async fn proxy(
 
     // 5. The upstream request.
     let uri = upstream_uri(route, rest, req.uri().query())?;
-    let (mut parts, incoming) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    strip_caller_credentials(&mut parts.headers);
-    parts.headers.insert(HOST, route.host_header.clone());
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Only the method and headers go on; the caller's URI and extensions end here
+    // rather than living on in this future's state.
+    let (
+        http::request::Parts {
+            method,
+            mut headers,
+            ..
+        },
+        incoming,
+    ) = req.into_parts();
+    strip_hop_by_hop(&mut headers);
+    strip_caller_credentials(&mut headers);
+    headers.insert(HOST, route.host_header.clone());
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     if let (Some(p), Some(c)) = (&route.provider, &credential) {
-        parts
-            .headers
-            .insert(p.cfg.header.clone(), c.header_value.clone());
+        headers.insert(p.cfg.header.clone(), c.header_value.clone());
         out.generation = Some(c.generation);
     }
     let replay_possible =
@@ -239,7 +244,7 @@ async fn proxy(
         deadline,
         read_body(
             incoming,
-            &parts.headers,
+            content_length(&headers),
             listen.max_replay_body,
             listen.max_body,
             replay_possible,
@@ -250,13 +255,17 @@ async fn proxy(
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
         (UpstreamBody::Buffered { data }, true) => {
-            Some((parts.headers.clone(), data.clone().unwrap_or_default()))
+            Some((headers.clone(), data.clone().unwrap_or_default()))
         }
         _ => None,
     };
-    let method = parts.method.clone();
-    let first = build_request(method.clone(), uri.clone(), parts.headers, body);
-    let resp = send(route, first, deadline).await?;
+    let resp = {
+        // Scoped: the request moves into the send future, and its own slot in
+        // this future's state ends before the await.
+        let first = build_request(method.clone(), uri.clone(), headers, body);
+        send(route, first, deadline)
+    }
+    .await?;
 
     // 6. A 401 that a new token may fix.
     let resp = match (&route.provider, &credential) {
@@ -405,7 +414,7 @@ fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, P
 /// otherwise streams it (a prefix already read, then the rest).
 async fn read_body(
     mut incoming: Incoming,
-    headers: &HeaderMap,
+    declared: Option<u64>,
     max_replay: u64,
     max_body: Option<u64>,
     replay_possible: bool,
@@ -413,7 +422,6 @@ async fn read_body(
     if incoming.is_end_stream() {
         return Ok(UpstreamBody::buffered(Bytes::new()));
     }
-    let declared = content_length(headers);
     if !replay_possible || declared.is_some_and(|n| n > max_replay) {
         return Ok(UpstreamBody::streaming(
             VecDeque::new(),
