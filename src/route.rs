@@ -104,33 +104,23 @@ impl RouteTable {
 }
 
 /// Joins the upstream base path and the rest of the request path, keeping the query.
-/// `base` has no trailing '/' unless it is "/" or empty.
-/// The exact length [`join_path`] produces: a buffer of exactly that capacity
-/// becomes a `Bytes` without a second allocation.
-pub fn joined_len(base: &str, rest: &str, query: Option<&str>) -> usize {
+/// `base` has no trailing '/' unless it is "/" or empty. The string is allocated at
+/// its exact length, so that it becomes a `Bytes` without a second allocation.
+pub fn join_path(base: &str, rest: &str, query: Option<&str>) -> String {
     let base = base.trim_end_matches('/');
     let path = match (rest.is_empty(), base.is_empty()) {
-        (false, _) => rest.len(),
-        (true, true) => 1,
-        (true, false) => 0,
+        (false, _) => rest,
+        (true, true) => "/",
+        (true, false) => "",
     };
-    base.len() + path + query.map_or(0, |q| q.len() + 1)
-}
-
-pub fn join_path(out: &mut String, base: &str, rest: &str, query: Option<&str>) {
-    let base = base.trim_end_matches('/');
+    let mut out = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     out.push_str(base);
-    if rest.is_empty() {
-        if base.is_empty() {
-            out.push('/');
-        }
-    } else {
-        out.push_str(rest);
-    }
+    out.push_str(path);
     if let Some(q) = query {
         out.push('?');
         out.push_str(q);
     }
+    out
 }
 
 #[cfg(test)]
@@ -196,9 +186,8 @@ mod tests {
     #[test]
     fn joins_base_rest_and_query() {
         let j = |b: &str, r: &str, q: Option<&str>| {
-            let mut s = String::new();
-            join_path(&mut s, b, r, q);
-            assert_eq!(s.len(), joined_len(b, r, q), "length of {s:?}");
+            let s = join_path(b, r, q);
+            assert_eq!(s.len(), s.capacity(), "exact length of {s:?}");
             s
         };
         assert_eq!(j("/v2", "/invoices", Some("page=2")), "/v2/invoices?page=2");

@@ -726,6 +726,15 @@ fn unpark(parked_busy: &mut bool, state: &ConnState, cx: &mut Context<'_>) {
     }
 }
 
+/// After a write: hyper may now hold bytes until its flush, and bytes that went
+/// out count as activity.
+fn wrote(r: &Poll<io::Result<usize>>, unflushed: &mut bool, last_activity: &mut Instant) {
+    *unflushed = true;
+    if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+        *last_activity = Instant::now();
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -733,11 +742,8 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        *this.unflushed = true;
         let r = this.inner.poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            *this.last_activity = Instant::now();
-        }
+        wrote(&r, this.unflushed, this.last_activity);
         r
     }
 
@@ -767,11 +773,8 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        *this.unflushed = true;
         let r = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            *this.last_activity = Instant::now();
-        }
+        wrote(&r, this.unflushed, this.last_activity);
         r
     }
 

@@ -403,8 +403,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// Origin-form (`/path?query`): what HTTP/1 sends to the upstream itself; the pool
 /// adds scheme and authority where the connection needs them.
 fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let mut path = String::with_capacity(crate::route::joined_len(&route.base_path, rest, query));
-    crate::route::join_path(&mut path, &route.base_path, rest, query);
+    let path = crate::route::join_path(&route.base_path, rest, query);
     PathAndQuery::from_maybe_shared(Bytes::from(path))
         .map(Uri::from)
         .map_err(|_| ProxyError::BadRequest("invalid path"))

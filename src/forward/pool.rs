@@ -94,6 +94,9 @@ enum Fresh {
 /// back: from a pooled connection it is sent once more on a fresh one.
 type Attempt = Result<Response<ResponseBody>, (SendError, Option<Request<UpstreamBody>>)>;
 
+/// What hyper's `try_send_request` resolves to, on either protocol.
+type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
+
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
@@ -217,19 +220,40 @@ impl Upstream {
 
     async fn send_h1(&self, mut conn: H1, mut req: Request<UpstreamBody>) -> Attempt {
         self.set_form(req.uri_mut(), conn.proxied);
-        let resp = match conn.tx.try_send_request(req).await {
+        let answer = conn.tx.try_send_request(req).await;
+        self.answered(Some(conn), answer)
+    }
+
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
+    ) -> Attempt {
+        self.set_form(req.uri_mut(), true);
+        let answer = tx.try_send_request(req).await;
+        self.answered(None, answer)
+    }
+
+    /// hyper's answer, as an attempt. The HTTP/1 connection (`None` for h2) goes
+    /// with the body, back to the pool when it ends, unless the upstream said it
+    /// closes it. A request hyper never wrote comes back for another try.
+    // The large error carries the unsent request back for its retry: moved once,
+    // on a rare path, where boxing would add an allocation.
+    #[allow(clippy::result_large_err)]
+    fn answered(&self, conn: Option<H1>, answer: Answer) -> Attempt {
+        let resp = match answer {
             Ok(resp) => resp,
             Err(mut e) => {
                 let unsent = e.take_message();
                 return Err((SendError::Request(e.into_error()), unsent));
             }
         };
-        Ok(self.h1_response(conn, resp))
-    }
-
-    /// The connection goes with the body, back to the pool when it ends, unless
-    /// the upstream said it closes it.
-    fn h1_response(&self, conn: H1, resp: Response<Incoming>) -> Response<ResponseBody> {
+        let Some(conn) = conn else {
+            return Ok(resp.map(|inner| ResponseBody {
+                inner,
+                checkin: None,
+            }));
+        };
         let (parts, inner) = resp.into_parts();
         let mut checkin = (!asks_close(&parts.headers)).then(|| Checkin {
             origin: self.origin.clone(),
@@ -242,25 +266,7 @@ impl Upstream {
                 c.put_back();
             }
         }
-        Response::from_parts(parts, ResponseBody { inner, checkin })
-    }
-
-    async fn send_h2(
-        &self,
-        mut tx: http2::SendRequest<UpstreamBody>,
-        mut req: Request<UpstreamBody>,
-    ) -> Attempt {
-        self.set_form(req.uri_mut(), true);
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok(resp.map(|inner| ResponseBody {
-                inner,
-                checkin: None,
-            })),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                Err((SendError::Request(e.into_error()), unsent))
-            }
-        }
+        Ok(Response::from_parts(parts, ResponseBody { inner, checkin }))
     }
 
     /// HTTP/1 sends the URI as given: origin-form to the upstream itself,
@@ -352,8 +358,6 @@ pin_project_lite::pin_project! {
 
 type Sent = Result<Response<ResponseBody>, SendError>;
 
-type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
-
 impl<'a, A, B> Future for Exchange<'a, A, B>
 where
     A: Future<Output = Answer>,
@@ -362,39 +366,26 @@ where
     type Output = Result<Response<ResponseBody>, SendError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (up, mut failed) = match self.as_mut().project() {
+        let (up, attempt) = match self.as_mut().project() {
             ExchangeProj::Slow { fut } => return fut.as_mut().poll(cx),
-            ExchangeProj::H1 { up, conn, answer } => match ready!(answer.poll(cx)) {
-                Ok(resp) => {
-                    return Poll::Ready(Ok(match conn.take() {
-                        Some(conn) => up.h1_response(conn, resp),
-                        None => resp.map(|inner| ResponseBody {
-                            inner,
-                            checkin: None,
-                        }),
-                    }))
-                }
-                Err(e) => (*up, e),
-            },
-            ExchangeProj::H2 { up, answer } => match ready!(answer.poll(cx)) {
-                Ok(resp) => {
-                    return Poll::Ready(Ok(resp.map(|inner| ResponseBody {
-                        inner,
-                        checkin: None,
-                    })))
-                }
-                Err(e) => (*up, e),
-            },
+            ExchangeProj::H1 { up, conn, answer } => {
+                let answer = ready!(answer.poll(cx));
+                (*up, up.answered(conn.take(), answer))
+            }
+            ExchangeProj::H2 { up, answer } => {
+                let answer = ready!(answer.poll(cx));
+                (*up, up.answered(None, answer))
+            }
         };
-        // The connection closed before it wrote the request: once more, fresh.
-        match failed.take_message() {
-            Some(unsent) => {
+        match attempt {
+            // The connection closed before it wrote the request: once more, fresh.
+            Err((_, Some(unsent))) => {
                 self.set(Exchange::Slow {
                     fut: Box::pin(up.send_fresh(unsent)),
                 });
                 self.poll(cx)
             }
-            None => Poll::Ready(Err(SendError::Request(failed.into_error()))),
+            done => Poll::Ready(done.map_err(|(e, _)| e)),
         }
     }
 }
@@ -541,97 +532,5 @@ mod tests {
         assert_eq!(uri, "http://api.example:8080/v2/x?q=1");
         up.set_form(&mut uri, false);
         assert_eq!(uri, "/v2/x?q=1");
-    }
-
-    /// A loopback HTTP/1 upstream answering every request with a short 200. It
-    /// reports each connection it accepts, and each one whose client closed it.
-    async fn upstream() -> (
-        Authority,
-        tokio::sync::mpsc::UnboundedReceiver<&'static str>,
-    ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let tx = tx.clone();
-                let _ = tx.send("accepted");
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    let _ = tx.send("closed");
-                });
-            }
-        });
-        (authority, rx)
-    }
-
-    async fn get(up: &Upstream) {
-        let req = Request::get("/x")
-            .body(UpstreamBody::buffered(Bytes::new()))
-            .unwrap();
-        let resp = up.send(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        // Read to the end: that is what hands the connection back.
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap();
-        assert_eq!(body.to_bytes(), "ok");
-    }
-
-    async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
-        tokio::time::timeout(Duration::from_secs(10), events.recv())
-            .await
-            .expect("no event from the upstream within 10 s")
-            .unwrap()
-    }
-
-    /// The legacy client's 90 s idle limit, kept by the pool: at checkout, and by
-    /// the reaper when no request comes. Time is moved by hand, so the test takes
-    /// no 90 s; the sockets are real.
-    #[tokio::test]
-    async fn idle_connections_expire_at_checkout_and_by_the_reaper() {
-        let (authority, mut events) = upstream().await;
-        let connector =
-            super::super::client::connector(None, None, false, &EgressProxy::direct()).unwrap();
-        let up = Upstream::new(connector, Scheme::HTTP, authority);
-
-        get(&up).await;
-        get(&up).await;
-        assert_eq!(next(&mut events).await, "accepted");
-        assert!(events.try_recv().is_err(), "one connection serves both");
-
-        tokio::time::pause();
-        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
-        tokio::time::resume();
-        get(&up).await;
-        let mut seen = vec![next(&mut events).await, next(&mut events).await];
-        seen.sort_unstable();
-        assert_eq!(
-            seen,
-            ["accepted", "closed"],
-            "expired at checkout: a new one"
-        );
-
-        // No request comes now: the reaper's next rounds close it.
-        tokio::time::pause();
-        tokio::time::advance(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
-        tokio::time::resume();
-        assert_eq!(next(&mut events).await, "closed", "the reaper closed it");
-        assert!(up.origin.idle.is_empty());
     }
 }

@@ -237,3 +237,47 @@ async fn a_response_dropped_half_read_does_not_return_its_connection() {
     assert_eq!(up.opened(), 2);
     gw.stop().await;
 }
+
+/// The pool's 90 s idle limit (the legacy client's): a connection idle longer is
+/// not used again, and the reaper closes one that no request comes for. Time is
+/// moved by hand (the gateway runs on this test's runtime), so the test takes no
+/// 90 s; the sockets are real. With the clock jumped, the reaper's overdue rounds
+/// run before the next request arrives, so the check at checkout is not what the
+/// first half tells apart from the reaper.
+#[tokio::test]
+async fn idle_upstream_connections_are_not_reused_after_90_s_and_are_reaped() {
+    let up = CountingUpstream::start().await;
+    let gw = gateway(&up).await;
+    let idle = std::time::Duration::from_secs(90);
+    for _ in 0..2 {
+        assert_eq!(
+            Client::new().get(&gw.url("/u/x")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(up.opened(), 1);
+
+    tokio::time::pause();
+    tokio::time::advance(idle + std::time::Duration::from_secs(1)).await;
+    tokio::time::resume();
+    assert_eq!(
+        Client::new().get(&gw.url("/u/x")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(up.opened(), 2, "expired: a new connection");
+    until("the expired connection is closed", || async {
+        up.closed() == 1
+    })
+    .await;
+
+    // No request comes now: the reaper's next rounds close the second one.
+    tokio::time::pause();
+    tokio::time::advance(idle + idle / 2).await;
+    tokio::time::resume();
+    until("the reaper closed the idle connection", || async {
+        up.closed() == 2
+    })
+    .await;
+    assert_eq!(up.opened(), 2);
+    gw.stop().await;
+}
