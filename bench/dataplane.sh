@@ -9,17 +9,21 @@
 #   haproxy           nbthread 1, http-request set-header Authorization, http-reuse
 #   authgate-static   [runtime] worker_threads = 1, grant = "static"
 #   authgate-oauth    same, grant = "client_credentials" against bench/mock_idp.py
+#   hyper-floor       bench/hyper_floor.rs: hyper's server and client with nothing
+#                     of authgate's between them (no pool, routing, hygiene,
+#                     metrics): the least any hyper-based proxy costs
 # Targets are measured in alternating rounds (the order rotates every round) so
 # slow drift of the machine hits all of them alike. Each measurement starts the
 # proxy fresh, warms it up, then runs wrk on WRK_CPU.
 #
 # Environment (all optional):
 #   DURATION=10 CONNECTIONS=64 THREADS=1 ROUNDS=3 WARMUP=2   wrk parameters
-#   TARGETS="direct nginx haproxy authgate-static authgate-oauth"
+#   TARGETS="direct nginx haproxy authgate-static authgate-oauth hyper-floor"
 #   PORT_BASE=18700        ports PORT_BASE+1..+6 on 127.0.0.1
 #   PROXY_CPU WRK_CPU UPSTREAM_CPU   CPU pinning (see lib.sh for defaults)
 #   AUTHGATE_BIN           default target/release/authgate (built if missing)
-#   AUTHGATE_BUILD=0       never run cargo; skip authgate rows when missing
+#   HYPER_FLOOR_BIN        default target/release/examples/hyper_floor (built if missing)
+#   AUTHGATE_BUILD=0       never run cargo; skip authgate/hyper-floor rows when missing
 #   RESULTS_DIR            default bench/results
 # Output: $RESULTS_DIR/dataplane.md, dataplane.csv, dataplane_latency.csv,
 #         dataplane_latency.svg
@@ -32,7 +36,7 @@ THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
 PORT_BASE=${PORT_BASE:-18700}
-read -r -a TARGETS <<<"${TARGETS:-direct nginx haproxy authgate-static authgate-oauth}"
+read -r -a TARGETS <<<"${TARGETS:-direct nginx haproxy authgate-static authgate-oauth hyper-floor}"
 
 UP_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
@@ -40,10 +44,11 @@ HAPROXY_PORT=$((PORT_BASE + 3))
 AG_STATIC_PORT=$((PORT_BASE + 4))
 AG_OAUTH_PORT=$((PORT_BASE + 5))
 IDP_PORT=$((PORT_BASE + 6))
+FLOOR_PORT=$((PORT_BASE + 7))
 
 # ---------------------------------------------------------------- preflight
 "$BENCH_DIR/setup.sh" >&2
-for p in $UP_PORT $NGINX_PORT $HAPROXY_PORT $AG_STATIC_PORT $AG_OAUTH_PORT $IDP_PORT; do
+for p in $UP_PORT $NGINX_PORT $HAPROXY_PORT $AG_STATIC_PORT $AG_OAUTH_PORT $IDP_PORT $FLOOR_PORT; do
     port_free "$p" || die "port $p is in use (set PORT_BASE to another range)"
 done
 
@@ -57,6 +62,16 @@ if ((want_authgate)) && ! ensure_authgate; then
     for t in "${TARGETS[@]}"; do [[ $t == authgate-* ]] || kept+=("$t"); done
     TARGETS=("${kept[@]}")
 fi
+for t in "${TARGETS[@]}"; do
+    if [[ $t == hyper-floor ]] && ! ensure_hyper_floor; then
+        log "NOTE: $HYPER_FLOOR_BIN not found — skipping the hyper-floor row."
+        log "      Build it (cargo build --release --example hyper_floor) or set HYPER_FLOOR_BIN."
+        kept=()
+        for k in "${TARGETS[@]}"; do [[ $k == hyper-floor ]] || kept+=("$k"); done
+        TARGETS=("${kept[@]}")
+        break
+    fi
+done
 ((${#TARGETS[@]} > 0)) || die "nothing to measure"
 
 # Bound the whole run: every measurement is warm-up + duration + start/stop slack.
@@ -102,6 +117,8 @@ start_target() {
         PORT=$AG_OAUTH_PORT
         write_authgate_config "$RUN_DIR/ag-oauth.toml" "$PORT" "$UP_PORT" 1 client_credentials "$IDP_PORT"
         start_authgate "$RUN_DIR/ag-oauth.toml" "$PORT" "$PROXY_CPU" ;;
+    hyper-floor)
+        PORT=$FLOOR_PORT; start_hyper_floor "$PORT" "$UP_PORT" "$PROXY_CPU" ;;
     *) die "unknown target $1" ;;
     esac
 }

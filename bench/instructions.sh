@@ -9,6 +9,8 @@
 # loopback TCP) is not counted: this is the number our own code can move.
 #
 # Usage: bench/instructions.sh [BIN ...]   (default: $AUTHGATE_BIN)
+#   A BIN named hyper_floor (bench/hyper_floor.rs, `cargo build --release
+#   --example hyper_floor`) is run as the bare-hyper floor instead of authgate.
 # Environment: DURATION=5 CONNECTIONS=64 PORT_BASE=18900 KEEP=1 (keep the
 #   callgrind.out files: callgrind_annotate shows where the instructions go).
 # Output: one line per binary on stdout, and $RESULTS_DIR/instructions.md.
@@ -31,7 +33,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
         || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq valgrind; } >/dev/null 2>&1 \
         || die "valgrind is needed (apt-get install valgrind)"
 fi
-for b in "${BINS[@]}"; do [[ -x $b ]] || die "no authgate binary at $b (cargo build --release)"; done
+for b in "${BINS[@]}"; do [[ -x $b ]] || die "no binary at $b (cargo build --release [--example hyper_floor])"; done
 for p in $UP_PORT $AG_PORT; do port_free "$p" || die "port $p is in use (set PORT_BASE)"; done
 
 install_traps $((${#BINS[@]} * (DURATION + 120) + 60))
@@ -45,12 +47,14 @@ report=()
 for bin in "${BINS[@]}"; do
     out=$RUN_DIR/callgrind.out
     rm -f "$out"*
+    args=(run --config "$RUN_DIR/ag.toml")
+    [[ $(basename "$bin") == hyper_floor ]] && args=("127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api)
     BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-        "$bin" run --config "$RUN_DIR/ag.toml" 2>"$RUN_DIR/valgrind.log" &
+        "$bin" "${args[@]}" 2>"$RUN_DIR/valgrind.log" &
     pid=$!
     track "$pid"
-    wait_port "$AG_PORT" "$pid" 60 || { cat "$RUN_DIR/valgrind.log" >&2; die "authgate did not start under valgrind"; }
+    wait_port "$AG_PORT" "$pid" 60 || { cat "$RUN_DIR/valgrind.log" >&2; die "$bin did not start under valgrind"; }
     # Warm-up: connections to the upstream made, caches filled; not counted.
     taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "$URL" >/dev/null
     callgrind_control -i on "$pid" >/dev/null 2>&1

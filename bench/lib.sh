@@ -9,6 +9,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 AUTHGATE_BIN=${AUTHGATE_BIN:-$REPO_DIR/target/release/authgate}
+HYPER_FLOOR_BIN=${HYPER_FLOOR_BIN:-$REPO_DIR/target/release/examples/hyper_floor}
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 PYTHON=${PYTHON:-python3}
@@ -259,6 +260,25 @@ ensure_authgate() {
         (cd "$REPO_DIR" && cargo build --release --bin authgate) >&2 || true
     fi
     authgate_available
+}
+
+# The bare-hyper floor (bench/hyper_floor.rs), built like authgate when missing.
+ensure_hyper_floor() {
+    [[ -x $HYPER_FLOOR_BIN ]] && return 0
+    if [[ ${AUTHGATE_BUILD:-1} == 1 && -f $REPO_DIR/Cargo.toml && $HYPER_FLOOR_BIN == "$REPO_DIR/target/release/examples/hyper_floor" ]]; then
+        log "hyper_floor binary missing: cargo build --release --example hyper_floor (once)"
+        (cd "$REPO_DIR" && cargo build --release --example hyper_floor) >&2 || true
+    fi
+    [[ -x $HYPER_FLOOR_BIN ]]
+}
+
+# start_hyper_floor PORT UPSTREAM_PORT CPUSET (same prefix and token as authgate's route)
+start_hyper_floor() {
+    local port=$1 up=$2 cpus=$3
+    taskset -c "$cpus" "$HYPER_FLOOR_BIN" "127.0.0.1:$port" "127.0.0.1:$up" /api 2>"$RUN_DIR/hyper_floor.log" &
+    PROXY_PID=$!
+    track "$PROXY_PID"
+    wait_port "$port" "$PROXY_PID" 15 || { cat "$RUN_DIR/hyper_floor.log" >&2; die "hyper_floor did not start"; }
 }
 
 # write_authgate_config FILE PORT UPSTREAM_PORT WORKERS GRANT [IDP_PORT] [EXTRA_LISTEN]

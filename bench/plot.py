@@ -16,8 +16,9 @@ COLORS = {
     "haproxy": "#1f77b4",
     "authgate-static": "#d62728",
     "authgate-oauth": "#ff7f0e",
+    "hyper-floor": "#9467bd",
 }
-EXTRA = ["#9467bd", "#8c564b", "#e377c2", "#17becf"]
+EXTRA = ["#8c564b", "#e377c2", "#17becf"]
 W, H = 760, 440
 ML, MR, MT, MB = 70, 170, 40, 50  # margins: the legend sits on the right
 

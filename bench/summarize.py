@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 
 PEERS = ("nginx", "haproxy")
-ORDER = ("direct", "nginx", "haproxy", "authgate-static", "authgate-oauth")
+ORDER = ("direct", "nginx", "haproxy", "authgate-static", "authgate-oauth", "hyper-floor")
 
 
 def num(v):
@@ -77,7 +77,9 @@ def main():
         "nginx and HAProxy for that column): above 1.00× is better for req/s, below 1.00× is "
         "better for latency, CPU and memory. CPU is the proxy's user+system time per request "
         "(from /proc/PID/stat around the measured run); peak RSS is VmHWM of the proxy's "
-        "largest process. `direct` (no proxy) is the ceiling of this machine and load generator.",
+        "largest process. `direct` (no proxy) is the ceiling of this machine and load generator; "
+        "`hyper-floor` (bench/hyper_floor.rs) is hyper's server and client with nothing between "
+        "them, the least any hyper-based proxy costs.",
         "",
         "| target | req/s | × | req/s range | p50 ms | × | p99 ms | × | p99.9 ms | × | CPU µs/req | × | peak RSS MiB | × | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
