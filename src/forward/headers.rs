@@ -57,8 +57,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Names listed in `connection` (bit 0) are hop-by-hop too. Collecting them
-    // is the one allocation here, and only when a `connection` header exists.
-    if found & 1 != 0 {
+    // is the one allocation here, and only when a `connection` header names more
+    // than `keep-alive` or `close` (nearly every upstream sends one of those
+    // alone, so that case skips the token split).
+    if found & 1 != 0 && !connection_names_nothing(headers) {
         // `keep-alive` and `close`, the usual tokens, name nothing more to strip
         // (`keep-alive` is on the fixed list): no allocation for them.
         let named: Vec<HeaderName> = headers
@@ -78,6 +80,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     remove_found(headers, &HOP_BY_HOP, found);
+}
+
+/// One `connection` field whose value is just `keep-alive` or `close`.
+fn connection_names_nothing(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
+    }
 }
 
 /// Caller-side fields that never travel upstream: its own credentials, `host`,
@@ -143,6 +157,23 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["accept", "x-request-id"]);
+    }
+
+    #[test]
+    fn a_second_connection_field_is_not_missed_by_the_keep_alive_shortcut() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", "x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Close".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
     }
 
     #[test]
