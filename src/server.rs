@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
@@ -325,9 +325,10 @@ impl Conn {
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = Box::pin(conn);
             let mut draining = std::pin::pin!(self.drain.cancelled());
+            let mut registered = false;
             let mut asked = false;
             std::future::poll_fn(|cx| {
-                if !asked && draining.as_mut().poll(cx).is_ready() {
+                if !asked && drain_fired(draining.as_mut(), &self.drain, &mut registered, cx) {
                     asked = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -341,6 +342,24 @@ impl Conn {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Whether the drain signal has fired, at the cost of an atomic load per poll.
+/// Polling tokio's `Notified` takes the lock of its waiter list every time, and a
+/// connection's task is polled several times per request. That task's waker never
+/// changes, so the signal is polled once to register it, and after that only once
+/// the token says it has fired (its wake-up brings the task back here).
+fn drain_fired(
+    draining: Pin<&mut WaitForCancellationFuture<'_>>,
+    drain: &CancellationToken,
+    registered: &mut bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    if *registered && !drain.is_cancelled() {
+        return false;
+    }
+    *registered = true;
+    draining.poll(cx).is_ready()
 }
 
 /// Serves HTTP/1 requests on one connection. A keep-alive connection left idle
@@ -363,9 +382,10 @@ where
         // Boxed, so that a hibernating connection's task does not keep room for it.
         let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
         let mut draining = std::pin::pin!(drain.cancelled());
+        let mut registered = false;
         let mut closing = false;
         std::future::poll_fn(|cx| {
-            if !closing && draining.as_mut().poll(cx).is_ready() {
+            if !closing && drain_fired(draining.as_mut(), drain, &mut registered, cx) {
                 closing = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }

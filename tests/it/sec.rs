@@ -1393,6 +1393,48 @@ async fn shutdown_does_not_wait_for_hibernated_connections() {
     assert_eq!(n, 0);
 }
 
+/// The drain reaches a keep-alive connection that has served requests since it
+/// first registered for the signal: its in-flight answer says `connection: close`
+/// and the connection ends, long before the grace period would.
+#[tokio::test]
+async fn a_busy_keep_alive_connection_closes_after_its_answer_when_the_gateway_drains() {
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET /open/a HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_reply(&mut s).await.expect("an answer");
+        assert_eq!((r.status, r.closed), (200, false));
+    }
+    s.write_all(b"GET /open/slow/300 HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    crate::support::until("the upstream has the slow request", || {
+        let n = up.count();
+        async move { n >= 4 }
+    })
+    .await;
+    let stopping = tokio::spawn(gw.stop());
+    let r = read_reply(&mut s).await.expect("the in-flight answer");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.head.to_ascii_lowercase().contains("connection: close"),
+        "the answer must announce the close: {}",
+        r.head
+    );
+    assert!(r.closed, "the connection must end after its answer");
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("the drain finished without the grace period")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     let _ = crate::support::captured_logs();
