@@ -10,7 +10,9 @@
 #
 # Usage: bench/instructions.sh [BIN ...]   (default: $AUTHGATE_BIN)
 #   A BIN named hyper_floor (bench/hyper_floor.rs, `cargo build --release
-#   --example hyper_floor`) is run as the bare-hyper floor instead of authgate.
+#   --example hyper_floor`) is run as the bare-hyper floor instead of authgate;
+#   the words `nginx` and `haproxy` count the peers of dataplane.sh, configured
+#   the same way (nginx as one process: master_process off).
 # Environment: DURATION=5 CONNECTIONS=64 PORT_BASE=18900 KEEP=1 (keep the
 #   callgrind.out files: callgrind_annotate shows where the instructions go).
 # Output: one line per binary on stdout, and $RESULTS_DIR/instructions.md.
@@ -33,7 +35,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
         || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq valgrind; } >/dev/null 2>&1 \
         || die "valgrind is needed (apt-get install valgrind)"
 fi
-for b in "${BINS[@]}"; do [[ -x $b ]] || die "no binary at $b (cargo build --release [--example hyper_floor])"; done
+for b in "${BINS[@]}"; do [[ $b == nginx || $b == haproxy || -x $b ]] || die "no binary at $b (cargo build --release [--example hyper_floor])"; done
 for p in $UP_PORT $AG_PORT; do port_free "$p" || die "port $p is in use (set PORT_BASE)"; done
 
 install_traps $((${#BINS[@]} * (DURATION + 120) + 60))
@@ -47,11 +49,21 @@ report=()
 for bin in "${BINS[@]}"; do
     out=$RUN_DIR/callgrind.out
     rm -f "$out"*
-    args=(run --config "$RUN_DIR/ag.toml")
-    [[ $(basename "$bin") == hyper_floor ]] && args=("127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api)
+    cmd=("$bin" run --config "$RUN_DIR/ag.toml")
+    case $bin in
+    nginx)
+        nginx_proxy_conf "$AG_PORT" "$UP_PORT"
+        cmd=("$NGINX_BIN" -p "$RUN_DIR/nginx" -e "$RUN_DIR/nginx/logs/error.log"
+            -c "$RUN_DIR/nginx/nginx.conf" -g 'daemon off; master_process off;') ;;
+    haproxy)
+        haproxy_conf "$AG_PORT" "$UP_PORT"
+        cmd=("$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy/haproxy.cfg") ;;
+    */hyper_floor | hyper_floor)
+        cmd=("$bin" "127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api) ;;
+    esac
     BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-        "$bin" "${args[@]}" 2>"$RUN_DIR/valgrind.log" &
+        "${cmd[@]}" 2>"$RUN_DIR/valgrind.log" &
     pid=$!
     track "$pid"
     wait_port "$AG_PORT" "$pid" 60 || { cat "$RUN_DIR/valgrind.log" >&2; die "$bin did not start under valgrind"; }

@@ -177,7 +177,8 @@ CONF
 # benchmark's connections, without preallocating tables that inflate their RSS.
 # nginx as a reverse proxy: 1 worker, the header set, upstream keep-alive.
 # /api/x is forwarded as /x — the same prefix stripping authgate does.
-start_nginx_proxy() {
+# nginx_proxy_conf PORT UPSTREAM_PORT: writes $RUN_DIR/nginx/nginx.conf.
+nginx_proxy_conf() {
     local port=$1 up=$2 dir=$RUN_DIR/nginx
     mkdir -p "$dir/logs"
     cat >"$dir/nginx.conf" <<CONF
@@ -208,6 +209,11 @@ http {
     }
 }
 CONF
+}
+
+start_nginx_proxy() {
+    local port=$1 up=$2 dir=$RUN_DIR/nginx
+    nginx_proxy_conf "$port" "$up"
     taskset -c "$PROXY_CPU" "$NGINX_BIN" -p "$dir" -e "$dir/logs/error.log" \
         -c "$dir/nginx.conf" -g 'daemon off;' &
     PROXY_PID=$!
@@ -216,7 +222,8 @@ CONF
 }
 
 # HAProxy: one thread, the header set, keep-alive both sides, connection reuse.
-start_haproxy() {
+# haproxy_conf PORT UPSTREAM_PORT: writes $RUN_DIR/haproxy/haproxy.cfg.
+haproxy_conf() {
     local port=$1 up=$2 dir=$RUN_DIR/haproxy
     mkdir -p "$dir"
     cat >"$dir/haproxy.cfg" <<CONF
@@ -243,6 +250,11 @@ backend be
     http-request set-header Authorization "Bearer static"
     server up 127.0.0.1:$up maxconn 1024
 CONF
+}
+
+start_haproxy() {
+    local port=$1 up=$2 dir=$RUN_DIR/haproxy
+    haproxy_conf "$port" "$up"
     taskset -c "$PROXY_CPU" "$HAPROXY_BIN" -db -f "$dir/haproxy.cfg" 2>"$dir/haproxy.log" &
     PROXY_PID=$!
     track "$PROXY_PID"

@@ -33,6 +33,49 @@ def ratio(v, best):
     return f"{v / best:.2f}×"
 
 
+def paired(rows, targets):
+    """On a shared VM the speed drifts between rounds by more than the gaps being
+    measured. Each round runs every target back to back, so the ratio to the best
+    peer *of the same round* cancels most of that drift; its median over the
+    rounds is the steadier comparison."""
+    by_round = defaultdict(dict)
+    for target, rs in rows.items():
+        for r in rs:
+            by_round[r["round"]][target] = r
+    lines = []
+    for t in targets:
+        if t in PEERS or t == "direct":
+            continue
+        per = {"rps": [], "cpu": [], "p99": []}
+        for rnd in by_round.values():
+            if t not in rnd:
+                continue
+            for key, col, pick in (("rps", "rps", max), ("cpu", "cpu_us_per_req", min), ("p99", "p99_us", min)):
+                mine = num(rnd[t][col])
+                peers = [num(rnd[p][col]) for p in PEERS if p in rnd and num(rnd[p][col])]
+                if mine is not None and peers:
+                    per[key].append(mine / pick(peers))
+        if not per["rps"]:
+            continue
+        cells = []
+        for key in ("rps", "cpu", "p99"):
+            vals = per[key]
+            cells.append(
+                f"{statistics.median(vals):.2f}× ({min(vals):.2f}–{max(vals):.2f})" if vals else "–"
+            )
+        lines.append(f"| {t} | {len(per['rps'])} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "",
+        "Paired ratios: in each round, the target against the best peer *of that round*; "
+        "median (and range) over the rounds. Drift of the machine between rounds cancels out.",
+        "",
+        "| target | rounds | req/s × | CPU µs/req × | p99 × |",
+        "|---|---:|---:|---:|---:|",
+    ] + lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--csv", required=True)
@@ -99,6 +142,7 @@ def main():
             f"| {fmt(mib, 1)} | {ratio(mib, best_mib)} "
             f"| {s['errors']} |"
         )
+    out += paired(rows, targets)
     out += [
         "",
         "errors = non-2xx responses plus socket errors (connect/read/write/timeout) over all rounds; "
