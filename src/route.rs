@@ -51,6 +51,11 @@ pub fn path_is_safe(path: &str) -> bool {
     if !path.starts_with('/') {
         return false;
     }
+    // Most API paths hold none of the bytes a dot segment or an encoded separator
+    // needs: one pass over the bytes settles them without splitting segments.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
     for seg in path[1..].split('/') {
         if is_dot_segment(seg) || seg.contains('\\') {
             return false;

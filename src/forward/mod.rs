@@ -230,6 +230,7 @@ async fn proxy(
     ) = req.into_parts();
     strip_hop_by_hop(&mut headers);
     strip_caller_credentials(&mut headers);
+    // Replaces the caller's `host` in place (see `strip_caller_credentials`).
     headers.insert(HOST, route.host_header.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     if let (Some(p), Some(c)) = (&route.provider, &credential) {

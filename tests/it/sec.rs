@@ -923,11 +923,11 @@ async fn lenient_shapes_reach_the_upstream_with_one_framing() {
     assert_eq!(seen.len(), 2, "{seen:#?}");
     assert_eq!(
         seen[0],
-        format!("POST /lf HTTP/1.1\r\ncontent-length: 5\r\nx-request-id: req-lf\r\nhost: {host}\r\n\r\nhello")
+        format!("POST /lf HTTP/1.1\r\nhost: {host}\r\nx-request-id: req-lf\r\ncontent-length: 5\r\n\r\nhello")
     );
     assert_eq!(
         seen[1],
-        format!("POST /ch HTTP/1.1\r\nx-request-id: req-ch\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n")
+        format!("POST /ch HTTP/1.1\r\nhost: {host}\r\nx-request-id: req-ch\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n")
     );
 
     // Both content-length and chunked (either order): hyper frames by chunked and
@@ -944,7 +944,7 @@ async fn lenient_shapes_reach_the_upstream_with_one_framing() {
         assert_eq!(r.status, 200, "{}", r.head);
         assert_eq!(
             up.seen().last().unwrap(),
-            &format!("POST /both{i} HTTP/1.1\r\nx-request-id: req-both{i}\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            &format!("POST /both{i} HTTP/1.1\r\nhost: {host}\r\nx-request-id: req-both{i}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         );
     }
 }
