@@ -197,7 +197,9 @@ async fn proxy(
         ));
     }
     let listen = &snap.config.listen;
-    if let (Some(max), Some(len)) = (listen.max_body, content_length(req.headers())) {
+    // Read once: the limit check and the body reader both need it.
+    let declared = content_length(req.headers());
+    if let (Some(max), Some(len)) = (listen.max_body, declared) {
         if len > max {
             return Err(ProxyError::BodyTooLarge);
         }
@@ -245,7 +247,7 @@ async fn proxy(
         deadline,
         read_body(
             incoming,
-            content_length(&headers),
+            declared,
             listen.max_replay_body,
             listen.max_body,
             replay_possible,
@@ -255,15 +257,18 @@ async fn proxy(
     .map_err(|_| ProxyError::RequestTimeout)??;
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
-        (UpstreamBody::Buffered { data }, true) => {
-            Some((headers.clone(), data.clone().unwrap_or_default()))
-        }
+        (UpstreamBody::Buffered { data }, true) => Some((
+            method.clone(),
+            uri.clone(),
+            headers.clone(),
+            data.clone().unwrap_or_default(),
+        )),
         _ => None,
     };
     let resp = {
         // Scoped: the request moves into the send future, and its own slot in
         // this future's state ends before the await.
-        let first = build_request(method.clone(), uri.clone(), headers, body);
+        let first = build_request(method, uri, headers, body);
         send(route, first, deadline)
     }
     .await?;
@@ -274,7 +279,7 @@ async fn proxy(
             if resp.status() == StatusCode::UNAUTHORIZED && refresh_worthy(resp.headers()) =>
         {
             match kept {
-                Some((headers, data)) => {
+                Some((method, uri, headers, data)) => {
                     // Boxed: the replay path is rare, and inline its futures would
                     // size every request's future.
                     let out = &mut *out;
