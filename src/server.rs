@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -325,7 +325,7 @@ impl Conn {
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = Box::pin(conn);
             let mut draining = std::pin::pin!(self.drain.cancelled());
-            let mut registered = false;
+            let mut registered = None;
             let mut asked = false;
             std::future::poll_fn(|cx| {
                 if !asked && drain_fired(draining.as_mut(), &self.drain, &mut registered, cx) {
@@ -346,19 +346,23 @@ impl Conn {
 
 /// Whether the drain signal has fired, at the cost of an atomic load per poll.
 /// Polling tokio's `Notified` takes the lock of its waiter list every time, and a
-/// connection's task is polled several times per request. That task's waker never
-/// changes, so the signal is polled once to register it, and after that only once
-/// the token says it has fired (its wake-up brings the task back here).
+/// connection's task is polled several times per request. So the signal is polled
+/// to register a waker, and after that only once the token says it has fired (its
+/// wake-up brings the task back here) or the waker is not the registered one (a
+/// task's waker does not change; this keeps it right if a wrapper's ever does).
 fn drain_fired(
     draining: Pin<&mut WaitForCancellationFuture<'_>>,
     drain: &CancellationToken,
-    registered: &mut bool,
+    registered: &mut Option<Waker>,
     cx: &mut Context<'_>,
 ) -> bool {
-    if *registered && !drain.is_cancelled() {
+    let same = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+    if same && !drain.is_cancelled() {
         return false;
     }
-    *registered = true;
+    if !same {
+        *registered = Some(cx.waker().clone());
+    }
     draining.poll(cx).is_ready()
 }
 
@@ -382,7 +386,7 @@ where
         // Boxed, so that a hibernating connection's task does not keep room for it.
         let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
         let mut draining = std::pin::pin!(drain.cancelled());
-        let mut registered = false;
+        let mut registered = None;
         let mut closing = false;
         std::future::poll_fn(|cx| {
             if !closing && drain_fired(draining.as_mut(), drain, &mut registered, cx) {
