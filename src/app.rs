@@ -121,10 +121,7 @@ impl App {
             main_listener,
             opts,
             shutdown.clone(),
-            move |req, conn| {
-                let gw = gw.clone();
-                async move { crate::forward::serve(&gw, req, &conn).await }
-            },
+            move |req, conn| crate::forward::serve(gw.clone(), req, conn),
         )));
         let mut admin_addr = None;
         if let Some(l) = admin_listener {

@@ -56,11 +56,15 @@ struct Outcome {
 }
 
 /// Serves one caller request. Never fails: errors become the contract's responses.
+/// Takes its handles by value so that the listener can return this future as it is:
+/// a wrapping `async` block would hold a second, moved-from copy of the request in
+/// a future hyper moves on every request.
 pub async fn serve(
-    gw: &Arc<Gateway>,
+    gw: Arc<Gateway>,
     req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn: Arc<ConnInfo>,
 ) -> Response<GatewayBody> {
+    let (gw, conn) = (&gw, &*conn);
     let started = Instant::now();
     let snap = gw.snapshot();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -582,11 +586,9 @@ mod future_size {
         let upstream =
             returned(|r: &'static Route, req: Request<UpstreamBody>| r.upstream.send(req));
         assert!(upstream <= 512, "Upstream::send future is {upstream} bytes");
-        let whole = returned(
-            |gw: &'static Arc<Gateway>, x: (Request<Incoming>, &'static ConnInfo)| {
-                super::serve(gw, x.0, x.1)
-            },
-        );
+        let whole = returned(|gw: Arc<Gateway>, x: (Request<Incoming>, Arc<ConnInfo>)| {
+            super::serve(gw, x.0, x.1)
+        });
         assert!(whole <= 3072, "request future is {whole} bytes");
     }
 }
