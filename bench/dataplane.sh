@@ -52,26 +52,29 @@ for p in $UP_PORT $NGINX_PORT $HAPROXY_PORT $AG_STATIC_PORT $AG_OAUTH_PORT $IDP_
     port_free "$p" || die "port $p is in use (set PORT_BASE to another range)"
 done
 
-# Drop the authgate targets, loudly, when there is no binary.
-want_authgate=0
-for t in "${TARGETS[@]}"; do [[ $t == authgate-* ]] && want_authgate=1; done
-if ((want_authgate)) && ! ensure_authgate; then
+# has_target GLOB: some target matches.  drop_targets GLOB: removes the matches.
+has_target() {
+    local t
+    for t in "${TARGETS[@]}"; do [[ $t == $1 ]] && return 0; done
+    return 1
+}
+drop_targets() {
+    local kept=() t
+    for t in "${TARGETS[@]}"; do [[ $t == $1 ]] || kept+=("$t"); done
+    TARGETS=(${kept[@]+"${kept[@]}"})
+}
+
+# Drop rows, loudly, whose binary is missing and could not be built.
+if has_target 'authgate-*' && ! ensure_authgate; then
     log "NOTE: authgate binary not found at $AUTHGATE_BIN — skipping the authgate rows."
     log "      Build it (cargo build --release) or set AUTHGATE_BIN, then re-run."
-    kept=()
-    for t in "${TARGETS[@]}"; do [[ $t == authgate-* ]] || kept+=("$t"); done
-    TARGETS=("${kept[@]}")
+    drop_targets 'authgate-*'
 fi
-for t in "${TARGETS[@]}"; do
-    if [[ $t == hyper-floor ]] && ! ensure_hyper_floor; then
-        log "NOTE: $HYPER_FLOOR_BIN not found — skipping the hyper-floor row."
-        log "      Build it (cargo build --release --example hyper_floor) or set HYPER_FLOOR_BIN."
-        kept=()
-        for k in "${TARGETS[@]}"; do [[ $k == hyper-floor ]] || kept+=("$k"); done
-        TARGETS=("${kept[@]}")
-        break
-    fi
-done
+if has_target hyper-floor && ! ensure_hyper_floor; then
+    log "NOTE: $HYPER_FLOOR_BIN not found — skipping the hyper-floor row."
+    log "      Build it (cargo build --release --example hyper_floor) or set HYPER_FLOOR_BIN."
+    drop_targets hyper-floor
+fi
 ((${#TARGETS[@]} > 0)) || die "nothing to measure"
 
 # Bound the whole run: every measurement is warm-up + duration + start/stop slack.
@@ -94,9 +97,7 @@ echo "round,target,percentile,latency_us" >"$PCT_CSV"
 log "running ${TARGETS[*]} × $ROUNDS rounds of ${DURATION}s (bounded to ${MAX_SECONDS}s)"
 
 start_upstream "$UP_PORT"
-for t in "${TARGETS[@]}"; do
-    if [[ $t == authgate-oauth ]]; then start_idp "$IDP_PORT"; break; fi
-done
+if has_target authgate-oauth; then start_idp "$IDP_PORT"; fi
 
 # ---------------------------------------------------------------- one measurement
 # start_target NAME: starts the proxy (sets PROXY_PID, PORT, URL_PATH, HDR).

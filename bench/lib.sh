@@ -264,24 +264,25 @@ start_haproxy() {
 # ---------------------------------------------------------------- authgate
 authgate_available() { [[ -x $AUTHGATE_BIN ]]; }
 
-# Build the release binary only when it is missing and AUTHGATE_BIN was not set.
-ensure_authgate() {
-    authgate_available && return 0
-    if [[ ${AUTHGATE_BUILD:-1} == 1 && -f $REPO_DIR/Cargo.toml && $AUTHGATE_BIN == "$REPO_DIR/target/release/authgate" ]]; then
-        log "authgate binary missing: cargo build --release (once)"
-        (cd "$REPO_DIR" && cargo build --release --bin authgate) >&2 || true
+# ensure_built BIN DEFAULT CARGO_ARGS...: true when BIN is executable. A missing
+# BIN is built once with `cargo build --release CARGO_ARGS` when it is the default
+# path (the caller did not point elsewhere) and AUTHGATE_BUILD is not 0.
+ensure_built() {
+    local bin=$1 default=$2
+    shift 2
+    [[ -x $bin ]] && return 0
+    if [[ ${AUTHGATE_BUILD:-1} == 1 && -f $REPO_DIR/Cargo.toml && $bin == "$default" ]]; then
+        log "$(basename "$bin") binary missing: cargo build --release $* (once)"
+        (cd "$REPO_DIR" && cargo build --release "$@") >&2 || true
     fi
-    authgate_available
+    [[ -x $bin ]]
 }
 
-# The bare-hyper floor (bench/hyper_floor.rs), built like authgate when missing.
+ensure_authgate() { ensure_built "$AUTHGATE_BIN" "$REPO_DIR/target/release/authgate" --bin authgate; }
+
+# The bare-hyper floor (bench/hyper_floor.rs).
 ensure_hyper_floor() {
-    [[ -x $HYPER_FLOOR_BIN ]] && return 0
-    if [[ ${AUTHGATE_BUILD:-1} == 1 && -f $REPO_DIR/Cargo.toml && $HYPER_FLOOR_BIN == "$REPO_DIR/target/release/examples/hyper_floor" ]]; then
-        log "hyper_floor binary missing: cargo build --release --example hyper_floor (once)"
-        (cd "$REPO_DIR" && cargo build --release --example hyper_floor) >&2 || true
-    fi
-    [[ -x $HYPER_FLOOR_BIN ]]
+    ensure_built "$HYPER_FLOOR_BIN" "$REPO_DIR/target/release/examples/hyper_floor" --example hyper_floor
 }
 
 # start_hyper_floor PORT UPSTREAM_PORT CPUSET (same prefix and token as authgate's route)

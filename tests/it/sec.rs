@@ -1280,14 +1280,28 @@ async fn no_secret_in_logs_audit_metrics_status_or_errors() {
     assert!(!outputs.last().unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn connections_over_max_connections_wait_for_a_free_slot() {
+/// A gateway with `listen` added to its `[listen]` table and one open route,
+/// `/open`, to a fresh mock upstream.
+async fn open_gateway(listen: &str) -> (MockUpstream, TestGateway) {
     let up = MockUpstream::start().await;
     let toml = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\nmax_connections = 2\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
+        "[listen]\naddr = \"127.0.0.1:0\"\n{listen}\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
         up.url()
     );
     let gw = TestGateway::start(&toml).await;
+    (up, gw)
+}
+
+/// Writes a bodiless GET for `path` on a raw connection.
+async fn send_get(s: &mut TcpStream, path: &str) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_for_a_free_slot() {
+    let (_up, gw) = open_gateway("max_connections = 2\n").await;
     let req = b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -1331,14 +1345,7 @@ async fn hibernated(local: SocketAddr, nth: usize) {
 #[tokio::test]
 async fn a_hibernated_connection_keeps_the_bytes_it_had_read() {
     let _ = crate::support::captured_logs();
-    let idp = MockIdp::start().await;
-    let up = MockUpstream::start().await;
-    let toml = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let _ = &idp;
-    let gw = TestGateway::start(&toml).await;
+    let (up, gw) = open_gateway("idle_timeout = \"30s\"\n").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let local = s.local_addr().unwrap();
 
@@ -1356,9 +1363,7 @@ async fn a_hibernated_connection_keeps_the_bytes_it_had_read() {
     assert!(!r.closed);
     hibernated(local, 2).await;
     // And a hibernated connection wakes for a whole new request.
-    s.write_all(b"GET /open/c HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    send_get(&mut s, "/open/c").await;
     let r = read_reply(&mut s).await.expect("third answer");
     assert_eq!(r.status, 200);
     let paths: Vec<String> = up.seen().iter().map(|s| s.uri.clone()).collect();
@@ -1368,17 +1373,10 @@ async fn a_hibernated_connection_keeps_the_bytes_it_had_read() {
 #[tokio::test]
 async fn shutdown_does_not_wait_for_hibernated_connections() {
     let _ = crate::support::captured_logs();
-    let up = MockUpstream::start().await;
-    let toml = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let gw = TestGateway::start(&toml).await;
+    let (_up, gw) = open_gateway("idle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let local = s.local_addr().unwrap();
-    s.write_all(b"GET /open/a HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    send_get(&mut s, "/open/a").await;
     assert_eq!(read_reply(&mut s).await.expect("an answer").status, 200);
     hibernated(local, 1).await;
     // The drain ends an idle connection at once, rather than after the grace period.
@@ -1398,23 +1396,14 @@ async fn shutdown_does_not_wait_for_hibernated_connections() {
 /// and the connection ends, long before the grace period would.
 #[tokio::test]
 async fn a_busy_keep_alive_connection_closes_after_its_answer_when_the_gateway_drains() {
-    let up = MockUpstream::start().await;
-    let toml = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let gw = TestGateway::start(&toml).await;
+    let (up, gw) = open_gateway("idle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     for _ in 0..3 {
-        s.write_all(b"GET /open/a HTTP/1.1\r\nhost: gw\r\n\r\n")
-            .await
-            .unwrap();
+        send_get(&mut s, "/open/a").await;
         let r = read_reply(&mut s).await.expect("an answer");
         assert_eq!((r.status, r.closed), (200, false));
     }
-    s.write_all(b"GET /open/slow/300 HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    send_get(&mut s, "/open/slow/300").await;
     crate::support::until("the upstream has the slow request", || {
         let n = up.count();
         async move { n >= 4 }
@@ -1438,12 +1427,7 @@ async fn a_busy_keep_alive_connection_closes_after_its_answer_when_the_gateway_d
 #[tokio::test]
 async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     let _ = crate::support::captured_logs();
-    let up = MockUpstream::start().await;
-    let toml = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\nidle_timeout = \"30s\"\n\n[[routes]]\nprefix = \"/open\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let gw = TestGateway::start(&toml).await;
+    let (up, gw) = open_gateway("idle_timeout = \"30s\"\n").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let local = s.local_addr().unwrap();
     // More than the socket buffers hold: the end of the body waits in the
@@ -1484,9 +1468,7 @@ async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     });
     assert_eq!(body_len, size);
     // The connection still serves, and hibernates once truly idle.
-    s.write_all(b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    send_get(&mut s, "/open/x").await;
     assert_eq!(read_reply(&mut s).await.expect("an answer").status, 200);
     hibernated(local, 1).await;
 }
