@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
 use crate::forward::body::GatewayBody;
+use crate::forward::deadline::{ConnDeadline, Watch};
 use crate::forward::ConnInfo;
 use crate::tls::TlsError;
 
@@ -156,6 +157,7 @@ pub async fn serve<H, F>(
                 remote,
                 local,
                 cert_names: Arc::from(Vec::new()),
+                deadline: None,
             },
             head: HeadLimits {
                 max_headers: opts.max_headers,
@@ -290,9 +292,13 @@ impl Conn {
         F: Future<Output = Response<GatewayBody>> + Send + 'static,
     {
         let io = Guarded::new(stream, self.header_timeout, self.idle_timeout, h2);
-        let remote = self.info.remote;
         let state = io.state.clone();
-        let info = Arc::new(self.info);
+        let mut info = self.info;
+        if !h2 {
+            info.deadline = Some(ConnDeadline::new());
+        }
+        let info = Arc::new(info);
+        let conn_info = info.clone();
         let head = self.head;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
@@ -310,13 +316,7 @@ impl Conn {
             } else {
                 futures_util::future::Either::Right(handler(req, info.clone()))
             };
-            async move {
-                // The request counts as finished when its response body is done
-                // (or dropped), so a long-streaming response is never taken for
-                // idleness.
-                let resp = fut.await.map(|inner| CountedBody { inner, state });
-                Ok::<_, Infallible>(resp)
-            }
+            Counted { inner: fut, state }
         });
         let result = if h2 {
             let conn = self
@@ -336,7 +336,7 @@ impl Conn {
             })
             .await
         } else {
-            serve_http1(io, service, &self.protocols.http1, &self.drain, remote).await
+            serve_http1(io, service, &self.protocols.http1, &self.drain, &conn_info).await
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
@@ -370,18 +370,22 @@ fn drain_fired(
 /// hibernates: hyper's connection state (two 8 KiB buffers and the request's
 /// future) is dropped and only the socket is kept, to be woken by the caller's next
 /// bytes; 10,000 idle callers then cost little more than their sockets.
+/// The route deadline of the request in flight is watched here, by one timer per
+/// connection (see `forward::deadline`).
 async fn serve_http1<S, Svc>(
     mut io: Guarded<S>,
     mut service: Svc,
     builder: &http1::Builder,
     drain: &CancellationToken,
-    remote: SocketAddr,
+    info: &ConnInfo,
 ) -> Result<(), hyper::Error>
 where
     S: Transport,
     Svc: hyper::service::HttpService<Incoming, ResBody = CountedBody> + Unpin,
 {
     let state = io.state.clone();
+    let remote = info.remote;
+    let mut watch = Watch::default();
     loop {
         // Boxed, so that a hibernating connection's task does not keep room for it.
         let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
@@ -393,15 +397,28 @@ where
                 closing = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
-            let polled = Pin::new(&mut *conn).poll(cx);
-            if polled.is_pending() && !closing && state.hibernate.load(Ordering::Relaxed) {
-                // Idle between requests (see `Guarded`): hyper closes at once,
-                // without touching the socket, and hands back what it had read.
-                closing = true;
-                Pin::new(&mut *conn).graceful_shutdown();
-                return Pin::new(&mut *conn).poll(cx);
+            loop {
+                let polled = Pin::new(&mut *conn).poll(cx);
+                if polled.is_ready() {
+                    return polled;
+                }
+                if !closing && state.hibernate.load(Ordering::Relaxed) {
+                    // Idle between requests (see `Guarded`): hyper closes at once,
+                    // without touching the socket, and hands back what it had read.
+                    closing = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    return Pin::new(&mut *conn).poll(cx);
+                }
+                // After hyper: a request it just started may have armed a deadline.
+                // One that passed needs the request polled again, to answer 504.
+                let expired = info
+                    .deadline
+                    .as_ref()
+                    .is_some_and(|d| watch.poll_expired(d, cx));
+                if !expired {
+                    return polled;
+                }
             }
-            polled
         })
         .await?;
         if !state.hibernate.swap(false, Ordering::Relaxed) || drain.is_cancelled() {
@@ -453,6 +470,33 @@ impl HeadLimits {
             + uri.path_and_query().map_or(1, |p| p.as_str().len());
         let line = req.method().as_str().len() + uri_len + 11;
         fields + line > self.max_size
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future, its response body counted (see `CountedBody`).
+    /// Written out rather than an `async` block, which would keep the request's
+    /// future twice (as its capture, and as the future it awaits): hyper moves
+    /// the whole of it into place on every request.
+    struct Counted<F> {
+        #[pin]
+        inner: F,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<F: Future<Output = Response<GatewayBody>>> Future for Counted<F> {
+    type Output = Result<Response<CountedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = ready!(this.inner.poll(cx));
+        // The request counts as finished when its response body is done (or
+        // dropped), so a long-streaming response is never taken for idleness.
+        Poll::Ready(Ok(resp.map(|inner| CountedBody {
+            inner,
+            state: this.state.clone(),
+        })))
     }
 }
 

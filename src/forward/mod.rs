@@ -29,20 +29,25 @@ use crate::token::Credential;
 pub mod body;
 mod broker;
 pub mod client;
+pub mod deadline;
 pub mod headers;
 pub mod pool;
 
 use body::{BodyTooLarge, CallerBodyError, GatewayBody, UpstreamBody};
+use deadline::{Bounded, ConnDeadline};
 use headers::{strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID};
 use pool::ResponseBody;
 
 /// What the listener knows about the connection a request came on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     /// Names from a verified caller certificate (DNS SANs and CN).
     pub cert_names: Arc<[String]>,
+    /// HTTP/1: where the request in flight leaves its route deadline for the
+    /// connection to watch (see `deadline`). HTTP/2 requests keep their own timer.
+    pub deadline: Option<ConnDeadline>,
 }
 
 /// Facts gathered along the way, for metrics and the audit line.
@@ -79,6 +84,9 @@ pub async fn serve(
 
     let mut out = Outcome::default();
     let result = proxy(gw, &snap, req, conn, &request_id, started, &mut out).await;
+    if let Some(d) = &conn.deadline {
+        d.disarm();
+    }
     let (mut resp, error) = match result {
         Ok(r) => (r, None),
         Err(e) => {
@@ -210,15 +218,21 @@ async fn proxy(
     }
     // The route's timeout counts from the request's arrival (and it saves a clock read).
     let deadline = started + route.cfg.timeout;
+    let watched = conn.deadline.as_ref();
+    if let Some(d) = watched {
+        d.arm(deadline);
+    }
 
     // 4. The credential: from the cell, or wait for the first fetch (bounded).
     let credential = match &route.provider {
-        Some(p) => Some(p.credential(route.cfg.timeout).await.map_err(|u| {
-            ProxyError::TokenUnavailable {
-                reason: u.reason,
-                retry_after_secs: u.retry_after.as_secs(),
-            }
-        })?),
+        Some(p) => Some(
+            p.credential(started, route.cfg.timeout)
+                .await
+                .map_err(|u| ProxyError::TokenUnavailable {
+                    reason: u.reason,
+                    retry_after_secs: u.retry_after.as_secs(),
+                })?,
+        ),
         None => None,
     };
 
@@ -247,8 +261,7 @@ async fn proxy(
         route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
     // A body kept for replay is read before sending: a caller that trickles it
     // is bounded by the route's deadline like everything else.
-    let body = tokio::time::timeout_at(
-        deadline,
+    let body = Bounded::new(
         read_body(
             incoming,
             declared,
@@ -256,6 +269,8 @@ async fn proxy(
             listen.max_body,
             replay_possible,
         ),
+        deadline,
+        watched,
     )
     .await
     .map_err(|_| ProxyError::RequestTimeout)??;
@@ -273,7 +288,7 @@ async fn proxy(
         // Scoped: the request moves into the send future, and its own slot in
         // this future's state ends before the await.
         let first = build_request(method, uri, headers, body);
-        send(route, first, deadline)
+        send(route, first, started, deadline, watched)
     }
     .await?;
 
@@ -308,7 +323,9 @@ async fn proxy(
                                         &fresh,
                                         data,
                                     );
-                                    let resp = send(route, replay, deadline).await?;
+                                    let resp =
+                                        send(route, replay, Instant::now(), deadline, watched)
+                                            .await?;
                                     if resp.status() == StatusCode::UNAUTHORIZED {
                                         provider.replay_rejected(fresh.generation);
                                         route.metrics.replay(ReplayOutcome::Unauthorized);
@@ -500,12 +517,14 @@ fn with_credential(
 
 /// Not an `async fn`, which would keep `req` twice (as its argument and inside
 /// the pool's future): this future is moved with every request's.
-fn send(
-    route: &Route,
+fn send<'a>(
+    route: &'a Route,
     req: Request<UpstreamBody>,
+    now: Instant,
     deadline: Instant,
-) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + '_ {
-    tokio::time::timeout_at(deadline, route.upstream.send(req)).map(|sent| match sent {
+    watched: Option<&'a ConnDeadline>,
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+    Bounded::new(route.upstream.send(req, now), deadline, watched).map(|sent| match sent {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {
@@ -583,8 +602,9 @@ mod future_size {
 
     #[test]
     fn request_futures_stay_small() {
-        let upstream =
-            returned(|r: &'static Route, req: Request<UpstreamBody>| r.upstream.send(req));
+        let upstream = returned(|r: &'static Route, req: Request<UpstreamBody>| {
+            r.upstream.send(req, tokio::time::Instant::now())
+        });
         assert!(upstream <= 512, "Upstream::send future is {upstream} bytes");
         let whole = returned(|gw: Arc<Gateway>, x: (Request<Incoming>, Arc<ConnInfo>)| {
             super::serve(gw, x.0, x.1)

@@ -74,6 +74,7 @@ struct Origin {
 
 struct Idle {
     tx: http1::SendRequest<UpstreamBody>,
+    /// When the last request on it arrived (see `H1::arrived`).
     since: Instant,
     proxied: bool,
 }
@@ -83,6 +84,11 @@ struct H1 {
     tx: http1::SendRequest<UpstreamBody>,
     /// Leads to a forward proxy: requests go in absolute form.
     proxied: bool,
+    /// When the request it carries arrived at the gateway. Its idle time, back in
+    /// the pool, counts from then rather than from the end of the response: a
+    /// little early, which errs towards a fresh connection, and a clock read per
+    /// request saved.
+    arrived: Instant,
 }
 
 enum Fresh {
@@ -131,7 +137,8 @@ impl Upstream {
     }
 
     /// Sends `req` (origin- or absolute-form; either is fixed up per connection)
-    /// and returns the response as soon as its head arrives.
+    /// and returns the response as soon as its head arrives. `now` is when the
+    /// request arrived: the request path reads the clock once.
     ///
     /// Not an `async fn`: the common cases (a pooled HTTP/1 connection, the
     /// shared h2 one) are decided here and awaited by [`Exchange`], which holds
@@ -141,6 +148,7 @@ impl Upstream {
     pub fn send(
         &self,
         req: Request<UpstreamBody>,
+        now: Instant,
     ) -> impl Future<Output = Result<Response<ResponseBody>, SendError>> + Send + '_ {
         if let Some(mut tx) = self.live_h2() {
             return Exchange::H2 {
@@ -149,12 +157,13 @@ impl Upstream {
             };
         }
         while let Some(idle) = self.origin.idle.pop() {
-            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+            if idle.tx.is_closed() || now.saturating_duration_since(idle.since) > IDLE_TIMEOUT {
                 continue;
             }
             let mut conn = H1 {
                 tx: idle.tx,
                 proxied: idle.proxied,
+                arrived: now,
             };
             if !conn.tx.is_ready() {
                 // Handed back at the end of a body it has not finished reading:
@@ -187,7 +196,8 @@ impl Upstream {
             }
         } else {
             // It closed meanwhile: the next idle one, or a fresh one.
-            self.send(req).await
+            let now = conn.arrived;
+            self.send(req, now).await
         }
     }
 
@@ -279,6 +289,7 @@ impl Upstream {
             origin: self.origin.clone(),
             tx: conn.tx,
             proxied: conn.proxied,
+            since: conn.arrived,
         });
         // Nothing will poll a body that is already over (HEAD, 204, length 0).
         if inner.is_end_stream() {
@@ -360,6 +371,7 @@ impl Upstream {
         Ok(Fresh::H1(H1 {
             tx,
             proxied: connected.is_proxied(),
+            arrived: Instant::now(),
         }))
     }
 }
@@ -442,6 +454,7 @@ struct Checkin {
     origin: Arc<Origin>,
     tx: http1::SendRequest<UpstreamBody>,
     proxied: bool,
+    since: Instant,
 }
 
 impl Checkin {
@@ -452,7 +465,7 @@ impl Checkin {
         // A full queue refuses it: dropping the sender closes the connection.
         let _ = self.origin.idle.push(Idle {
             tx: self.tx,
-            since: Instant::now(),
+            since: self.since,
             proxied: self.proxied,
         });
     }

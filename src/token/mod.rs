@@ -342,12 +342,17 @@ impl Provider {
 
     /// The request path: the current credential if valid — a load from the cell and
     /// nothing else. Without one, waits on the refresh in flight (or the first
-    /// fetch), bounded by `wait`, or fails fast while the IdP is failing.
-    pub async fn credential(self: &Arc<Self>, wait: Duration) -> Result<Credential, Unavailable> {
+    /// fetch), bounded by `wait`, or fails fast while the IdP is failing. `now` is
+    /// when the request arrived: its path reads the clock once.
+    pub async fn credential(
+        self: &Arc<Self>,
+        now: Instant,
+        wait: Duration,
+    ) -> Result<Credential, Unavailable> {
         {
             let guard = self.cell.load();
             if let Some(t) = guard.as_ref() {
-                if t.is_valid(Instant::now()) {
+                if t.is_valid(now) {
                     return Ok(Credential {
                         header_value: t.header_value.clone(),
                         generation: t.generation,

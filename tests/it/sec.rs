@@ -1498,3 +1498,73 @@ fn payload_len(buf: &[u8]) -> Option<usize> {
         }
     }
 }
+
+// ---------------------------------------------------------------- route deadlines
+
+/// Two routes to one upstream, with a long and a short timeout.
+async fn deadline_gateway() -> (MockUpstream, TestGateway) {
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+
+[[routes]]
+prefix = "/long"
+upstream = "{u}"
+timeout = "60s"
+
+[[routes]]
+prefix = "/short"
+upstream = "{u}"
+timeout = "300ms"
+"#,
+        u = up.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    (up, gw)
+}
+
+/// An HTTP/1 connection keeps one timer for the deadlines of its requests (see
+/// `forward::deadline`): each request still gets its own, whether it comes after
+/// quick ones (a later deadline), after one that timed out (a fired timer), or
+/// with a shorter timeout than the one before (an earlier deadline).
+#[tokio::test]
+async fn each_request_on_a_keep_alive_connection_gets_its_own_route_deadline() {
+    let (_up, gw) = deadline_gateway().await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let s = &mut s;
+    // The 60 s deadline of this one is armed first; the next, 300 ms, is earlier.
+    assert_eq!(ask(s, "/long/x").await.status, 200);
+    let r = ask(s, "/short/slow/5000").await;
+    assert_eq!(r.status, 504, "{}", r.head);
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    // Quick requests after it, then a slow one again: its own deadline holds.
+    for _ in 0..3 {
+        assert_eq!(ask(s, "/short/x").await.status, 200);
+    }
+    let r = ask(s, "/short/slow/5000").await;
+    assert_eq!(r.status, 504, "{}", r.head);
+    // A request slower than the deadline before it, within its own, is served.
+    assert_eq!(ask(s, "/long/slow/600").await.status, 200);
+}
+
+/// One request on the raw connection `s`, which must stay open after it.
+async fn ask(s: &mut TcpStream, path: &str) -> RawReply {
+    send_get(s, path).await;
+    let r = read_reply(s).await.expect("an answer");
+    assert!(!r.closed, "the connection stays open after {path}");
+    r
+}
+
+/// HTTP/2 requests are tasks of their own, each with its own timer.
+#[tokio::test]
+async fn h2c_requests_time_out_at_the_route_deadline() {
+    let (_up, gw) = deadline_gateway().await;
+    let c = Client::h2c();
+    let r = c.get(&gw.url("/short/slow/5000")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    let r = c.get(&gw.url("/long/slow/600")).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
