@@ -118,19 +118,35 @@ pub fn acceptable_request_id(v: &http::HeaderValue) -> bool {
 }
 
 pub fn new_request_id() -> http::HeaderValue {
-    // 128 random bits as 32 hex digits, formatted on the stack. The id goes into
-    // the upstream request, the response and the audit line: owned by a `Bytes`
-    // built with `from_owner`, its one allocation is shared by every clone (a
-    // `Bytes` made from a `Vec` allocates again on its first clone).
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n: u128 = rand::random();
-    let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+    // 128 random bits as 32 hex digits, formatted on the stack a byte (two
+    // digits) at a time from a table: a shift of the whole `u128` per digit cost
+    // about 300 instructions per request. The id goes into the upstream request,
+    // the response and the audit line: owned by a `Bytes` built with
+    // `from_owner`, its one allocation is shared by every clone (a `Bytes` made
+    // from a `Vec` allocates again on its first clone).
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex_id(rand::random())))
         .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
 }
+
+fn hex_id(n: u128) -> [u8; 32] {
+    let mut buf = [0u8; 32];
+    for (pair, byte) in buf.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+    }
+    buf
+}
+
+/// Each byte's two lowercase hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -199,6 +215,16 @@ mod tests {
         assert!(acceptable_request_id(&"abc-123".parse().unwrap()));
         assert!(!acceptable_request_id(&"has space".parse().unwrap()));
         assert!(!acceptable_request_id(&"x".repeat(200).parse().unwrap()));
-        assert_eq!(new_request_id().len(), 32);
+        assert_eq!(
+            &hex_id(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+            b"0123456789abcdeffedcba9876543210"
+        );
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
     }
 }

@@ -238,18 +238,15 @@ async fn proxy(
 
     // 5. The upstream request.
     let uri = upstream_uri(route, rest, req.uri().query())?;
-    // Only the method and headers go on; the caller's URI and extensions end here
-    // rather than living on in this future's state.
-    let (
-        http::request::Parts {
-            method,
-            mut headers,
-            ..
-        },
-        incoming,
-    ) = req.into_parts();
-    strip_hop_by_hop(&mut headers);
-    strip_caller_credentials(&mut headers);
+    // The caller's request becomes the upstream's, edited in place: its URI and
+    // extensions end here rather than living on in this future's state.
+    let (mut parts, incoming) = req.into_parts();
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.extensions.clear();
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    strip_caller_credentials(headers);
     // Replaces the caller's `host` in place (see `strip_caller_credentials`).
     headers.insert(HOST, route.host_header.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -277,9 +274,9 @@ async fn proxy(
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
         (UpstreamBody::Buffered { data }, true) => Some((
-            method.clone(),
-            uri.clone(),
-            headers.clone(),
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
             data.clone().unwrap_or_default(),
         )),
         _ => None,
@@ -287,7 +284,7 @@ async fn proxy(
     let resp = {
         // Scoped: the request moves into the send future, and its own slot in
         // this future's state ends before the await.
-        let first = build_request(method, uri, headers, body);
+        let first = Request::from_parts(parts, body);
         send(route, first, started, deadline, watched)
     }
     .await?;
