@@ -4,64 +4,112 @@ use http::header::{self, HeaderMap, HeaderName};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_AUTHGATE_KEY: HeaderName = HeaderName::from_static("x-authgate-key");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Field names to look for in a message. Every message passes here twice and most
+/// carry none of them: one scan of its few fields costs less than a hashed lookup
+/// per name, and most fields are ruled out by their length alone (a bit per length).
+struct NameSet<const N: usize> {
+    strs: [&'static str; N],
+    names: [HeaderName; N],
+    lens: u64,
+}
+
+macro_rules! name_set {
+    ($($name:literal),+ $(,)?) => {
+        NameSet {
+            strs: [$($name),+],
+            names: [$(HeaderName::from_static($name)),+],
+            lens: len_mask(&[$($name),+]),
+        }
+    };
+}
+
+const fn len_mask(strs: &[&str]) -> u64 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < strs.len() {
+        mask |= 1 << bit(strs[i].len());
+        i += 1;
+    }
+    mask
+}
+
+/// Lengths of 63 and more share the last bit.
+const fn bit(len: usize) -> usize {
+    if len > 63 {
+        63
+    } else {
+        len
+    }
+}
+
+impl<const N: usize> NameSet<N> {
+    /// The position of `name` in the set.
+    #[inline]
+    fn position(&self, name: &str) -> Option<usize> {
+        if self.lens & (1 << bit(name.len())) == 0 {
+            return None;
+        }
+        self.strs.iter().position(|s| *s == name)
+    }
+
+    /// Removes the fields whose positions are set in `found`.
+    fn remove(&self, headers: &mut HeaderMap, found: u32) {
+        for (i, name) in self.names.iter().enumerate() {
+            if found & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
+    }
+}
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), plus the obsolete `proxy-connection`.
-static HOP_BY_HOP: [&HeaderName; 9] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::TE,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-    &header::PROXY_AUTHORIZATION,
-    &header::PROXY_AUTHENTICATE,
-    &header::TRAILER,
+/// `connection` first: its position is bit 0 of what `strip_hop_by_hop` finds.
+static HOP_BY_HOP: NameSet<9> = name_set![
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "trailer",
 ];
 
 /// Caller fields that never travel upstream: its own credentials and `forwarded`
 /// (third parties learn nothing of our network). The caller's `host` is not
 /// listed: the route's own replaces it in place, which costs one hashed update
 /// where a removal and an insertion cost two.
-static CALLER_ONLY: [&HeaderName; 3] =
-    [&header::AUTHORIZATION, &X_AUTHGATE_KEY, &header::FORWARDED];
-
-/// Which of `names` are present, as a bit per index. Every message passes here
-/// twice and most carry none of them: one scan of its few fields, comparing
-/// names, costs less than a hashed lookup per candidate.
-fn present(headers: &HeaderMap, names: &[&HeaderName]) -> u32 {
-    let mut found = 0;
-    for key in headers.keys() {
-        if let Some(i) = names.iter().position(|n| *n == key) {
-            found |= 1 << i;
-        }
-    }
-    found
-}
-
-fn remove_found(headers: &mut HeaderMap, names: &[&HeaderName], found: u32) {
-    for (i, name) in names.iter().enumerate() {
-        if found & (1 << i) != 0 {
-            headers.remove(*name);
-        }
-    }
-}
+static CALLER_ONLY: NameSet<3> = name_set!["authorization", "x-authgate-key", "forwarded"];
 
 /// Removes hop-by-hop fields: the fixed list and every field named in `connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let found = present(headers, &HOP_BY_HOP);
+    let mut found = 0u32;
+    // `connection` fields seen, and whether each was just `keep-alive` or `close`:
+    // nearly every upstream sends one of those alone, and they name nothing more
+    // to strip (`keep-alive` is on the fixed list), so that case skips the token
+    // split (a cheaper split on bytes for every case was measured and cost 260
+    // instructions more per request).
+    let mut connections = 0;
+    let mut names_nothing = true;
+    for (name, value) in headers.iter() {
+        let Some(i) = HOP_BY_HOP.position(name.as_str()) else {
+            continue;
+        };
+        found |= 1 << i;
+        if i == 0 {
+            connections += 1;
+            let v = value.as_bytes();
+            names_nothing &= v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+        }
+    }
     if found == 0 {
         return;
     }
-    // Names listed in `connection` (bit 0) are hop-by-hop too. Collecting them
-    // is the one allocation here, and only when a `connection` header names more
-    // than `keep-alive` or `close` (nearly every upstream sends one of those
-    // alone, so that case skips the token split; a cheaper split on bytes for
-    // every case was measured and cost 260 instructions more per request).
-    if found & 1 != 0 && !connection_names_nothing(headers) {
-        // `keep-alive` and `close`, the usual tokens, name nothing more to strip
-        // (`keep-alive` is on the fixed list): no allocation for them.
+    if connections > 1 || !names_nothing {
+        // Names listed in `connection` are hop-by-hop too. Collecting them is the
+        // one allocation here, and only for the rare message that names any.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -78,35 +126,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    remove_found(headers, &HOP_BY_HOP, found);
-}
-
-/// One `connection` field whose value is just `keep-alive` or `close`.
-fn connection_names_nothing(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) => {
-            let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-        }
-        _ => false,
-    }
+    HOP_BY_HOP.remove(headers, found);
 }
 
 /// Caller-side fields that never travel upstream: its own credentials and
 /// `x-forwarded-*`/`forwarded` (third parties learn nothing of our network).
 /// `host` is left for the caller of this to overwrite with the route's.
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
-    let found = present(headers, &CALLER_ONLY);
-    remove_found(headers, &CALLER_ONLY, found);
-    // Collecting no names allocates nothing.
-    let forwarded: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for k in forwarded {
-        headers.remove(k);
+    let mut found = 0u32;
+    let mut forwarded = false;
+    for key in headers.keys() {
+        let k = key.as_str();
+        if let Some(i) = CALLER_ONLY.position(k) {
+            found |= 1 << i;
+        }
+        forwarded |= k.starts_with("x-forwarded-");
+    }
+    CALLER_ONLY.remove(headers, found);
+    if forwarded {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-forwarded-"))
+            .cloned()
+            .collect();
+        for k in names {
+            headers.remove(k);
+        }
     }
 }
 
@@ -208,6 +253,20 @@ mod tests {
         h.insert("accept", "*/*".parse().unwrap());
         strip_caller_credentials(&mut h);
         assert_eq!(names(&h), ["accept"]);
+    }
+
+    #[test]
+    fn name_sets_find_their_names_and_nothing_else() {
+        for (i, name) in HOP_BY_HOP.strs.iter().enumerate() {
+            assert_eq!(HOP_BY_HOP.position(name), Some(i));
+            assert_eq!(HOP_BY_HOP.names[i].as_str(), *name);
+        }
+        // Same lengths as members, and lengths past the mask's last bit.
+        for other in ["x-connect!", "tx", "content-type", &"x".repeat(70)] {
+            assert_eq!(HOP_BY_HOP.position(other), None, "{other}");
+        }
+        assert_eq!(CALLER_ONLY.position("x-authgate-key"), Some(1));
+        assert_eq!(CALLER_ONLY.position("x-authgate-kex"), None);
     }
 
     #[test]

@@ -256,21 +256,26 @@ async fn proxy(
     }
     let replay_possible =
         route.cfg.replay && route.provider.as_ref().is_some_and(|p| !p.is_static());
-    // A body kept for replay is read before sending: a caller that trickles it
-    // is bounded by the route's deadline like everything else.
-    let body = Bounded::new(
-        read_body(
-            incoming,
-            declared,
-            listen.max_replay_body,
-            listen.max_body,
-            replay_possible,
-        ),
-        deadline,
-        watched,
-    )
-    .await
-    .map_err(|_| ProxyError::RequestTimeout)??;
+    let body = if incoming.is_end_stream() {
+        // Nothing to read (most requests): no future to build and poll for it.
+        UpstreamBody::buffered(Bytes::new())
+    } else {
+        // A body kept for replay is read before sending: a caller that trickles
+        // it is bounded by the route's deadline like everything else.
+        Bounded::new(
+            read_body(
+                incoming,
+                declared,
+                listen.max_replay_body,
+                listen.max_body,
+                replay_possible,
+            ),
+            deadline,
+            watched,
+        )
+        .await
+        .map_err(|_| ProxyError::RequestTimeout)??
+    };
     // A copy for the replay, only when one could happen.
     let kept = match (&body, replay_possible) {
         (UpstreamBody::Buffered { data }, true) => Some((
@@ -442,9 +447,6 @@ async fn read_body(
     max_body: Option<u64>,
     replay_possible: bool,
 ) -> Result<UpstreamBody, ProxyError> {
-    if incoming.is_end_stream() {
-        return Ok(UpstreamBody::buffered(Bytes::new()));
-    }
     if !replay_possible || declared.is_some_and(|n| n > max_replay) {
         return Ok(UpstreamBody::streaming(
             VecDeque::new(),
