@@ -25,6 +25,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Listen;
+use crate::error::ProxyError;
 use crate::forward::body::GatewayBody;
 use crate::forward::deadline::{ConnDeadline, Watch};
 use crate::forward::ConnInfo;
@@ -91,15 +92,14 @@ fn protocols(opts: &ServerOpts) -> Protocols {
         // `Guarded` enforces the header timeout itself, answering 408 where hyper
         // would only close the connection.
         .header_read_timeout(None)
-        // hyper answers a bare 431 (no body) past these; the service answers the
-        // contract's JSON 431 for heads between the configured limit and this
-        // slack, which covers the usual overshoot.
+        // hyper answers a bare 431 (no body) past these, which `Guarded` turns
+        // into the contract's JSON answer. The service checks the configured size
+        // itself, for heads between it and this buffer. The count is hyper's
+        // exactly: up to 100 it keeps a parse's header slots on the stack, and
+        // past that allocates two arrays of about 6 KiB per request (the earlier
+        // slack of twice the count cost about 1,200 instructions per request).
         .max_buf_size(opts.max_header_size.saturating_mul(2).max(8192))
-        .max_headers(
-            opts.max_headers
-                .saturating_mul(2)
-                .max(opts.max_headers + 32),
-        )
+        .max_headers(opts.max_headers)
         .keep_alive(true);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -671,22 +671,42 @@ fn poll_deadline(
     }
 }
 
-fn timeout_response() -> Vec<u8> {
-    let err = crate::error::ProxyError::RequestTimeout;
+/// The contract's JSON answer to a request that never reached the service, as
+/// bytes on the wire, closing the connection.
+fn closing_answer(err: &ProxyError, message: &str) -> Vec<u8> {
     let id = crate::forward::headers::new_request_id();
+    let id = id.to_str().unwrap_or_default();
     let body = serde_json::json!({
         "error": err.code(),
-        "message": "request headers not complete in time",
-        "request_id": id.to_str().unwrap_or_default(),
+        "message": message,
+        "request_id": id,
     })
     .to_string();
+    let status = err.status();
     format!(
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or_default(),
         body.len(),
-        id.to_str().unwrap_or_default(),
-        body
     )
     .into_bytes()
+}
+
+/// hyper's own answer to a head it could not parse (written while no request is
+/// in flight, so it can be nothing else), as the contract's error. `None` for
+/// anything else.
+fn parse_error_answer(data: &[u8]) -> Option<Vec<u8>> {
+    let status = data.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    let (err, message) = match status {
+        b"400" => (
+            ProxyError::BadRequest("malformed request"),
+            "malformed request",
+        ),
+        // A request line too long for hyper is a head over the size limit too.
+        b"431" | b"414" => (ProxyError::HeadersTooLarge, "request headers are too large"),
+        _ => return None,
+    };
+    Some(closing_answer(&err, message))
 }
 
 impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
@@ -696,16 +716,8 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut this = self.project();
-        if let Some((msg, sent)) = this.closing.as_mut() {
-            // Best effort: a caller that does not read its 408 just gets the close.
-            while *sent < msg.len() {
-                match ready!(this.inner.as_mut().poll_write(cx, &msg[*sent..])) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => *sent += n,
-                }
-            }
-            let _ = this.inner.as_mut().poll_flush(cx);
-            *sent = msg.len();
+        if this.closing.is_some() {
+            ready!(poll_closing(this.inner.as_mut(), this.closing, cx));
             return Poll::Ready(Ok(()));
         }
         let started = this.state.started.load(Ordering::SeqCst);
@@ -766,7 +778,13 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
                 match expiry {
                     Expiry::Head => {
                         tracing::debug!("request headers not complete in time; answering 408");
-                        *this.closing = Some((timeout_response(), 0));
+                        *this.closing = Some((
+                            closing_answer(
+                                &ProxyError::RequestTimeout,
+                                "request headers not complete in time",
+                            ),
+                            0,
+                        ));
                         cx.waker().wake_by_ref();
                         Poll::Pending
                     }
@@ -783,6 +801,26 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
     }
 }
 
+/// Writes the gateway's own closing answer (see `Guarded::closing`). Best effort:
+/// a caller that does not read it just gets the close.
+fn poll_closing<S: AsyncWrite>(
+    mut inner: Pin<&mut S>,
+    closing: &mut Option<(Vec<u8>, usize)>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if let Some((msg, sent)) = closing.as_mut() {
+        while *sent < msg.len() {
+            match ready!(inner.as_mut().poll_write(cx, &msg[*sent..])) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => *sent += n,
+            }
+        }
+        *sent = msg.len();
+        let _ = ready!(inner.poll_flush(cx));
+    }
+    Poll::Ready(())
+}
+
 /// After a flush: if the read side parked while a request was in flight or bytes
 /// were unflushed, and the connection is now idle, wake it so the read side arms
 /// its timer.
@@ -792,6 +830,29 @@ fn unpark(parked_busy: &mut bool, state: &ConnState, cx: &mut Context<'_>) {
         *parked_busy = false;
         cx.waker().wake_by_ref();
     }
+}
+
+/// Whether hyper's bytes are kept from the caller: once the gateway writes its
+/// own closing answer, and for hyper's own answer to a head it could not parse,
+/// which becomes the contract's JSON error (hyper's has no body).
+fn swallowed(
+    data: &[u8],
+    closing: &mut Option<(Vec<u8>, usize)>,
+    state: &ConnState,
+    http2: bool,
+) -> bool {
+    if closing.is_some() {
+        return true;
+    }
+    // A response with no request in flight can only be hyper's own.
+    if http2
+        || !data.starts_with(b"HTTP/1.")
+        || state.started.load(Ordering::SeqCst) != state.finished.load(Ordering::SeqCst)
+    {
+        return false;
+    }
+    *closing = parse_error_answer(data).map(|msg| (msg, 0));
+    closing.is_some()
 }
 
 /// After a write: hyper may now hold bytes until its flush, and bytes that went
@@ -810,13 +871,19 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        if swallowed(data, this.closing, this.state, *this.http2) {
+            return Poll::Ready(Ok(data.len()));
+        }
         let r = this.inner.poll_write(cx, data);
         wrote(&r, this.unflushed, this.last_activity);
         r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        if this.closing.is_some() {
+            ready!(poll_closing(this.inner.as_mut(), this.closing, cx));
+        }
         let r = this.inner.poll_flush(cx);
         if r.is_ready() {
             // hyper flushes the socket only once its own buffer is written out.
@@ -827,7 +894,10 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        if this.closing.is_some() {
+            ready!(poll_closing(this.inner.as_mut(), this.closing, cx));
+        }
         if this.state.hibernate.load(Ordering::Relaxed) {
             // hyper ends its part of a hibernating connection; the socket stays.
             return Poll::Ready(Ok(()));
@@ -841,6 +911,13 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if swallowed(first, this.closing, this.state, *this.http2) {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
         let r = this.inner.poll_write_vectored(cx, bufs);
         wrote(&r, this.unflushed, this.last_activity);
         r

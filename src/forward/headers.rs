@@ -101,7 +101,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if i == 0 {
             connections += 1;
             let v = value.as_bytes();
-            names_nothing &= v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+            names_nothing &=
+                v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
         }
     }
     if found == 0 {

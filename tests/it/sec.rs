@@ -631,8 +631,12 @@ async fn too_large_or_too_many_headers_are_431() {
         "GET /open/x HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n",
         "a".repeat(8 << 10)
     );
+    // Past hyper's read buffer: hyper's own 431, as the contract's JSON.
     let r = raw(gw.addr, big.as_bytes()).await.expect("an answer");
     assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(r.json()["error"], "headers_too_large");
+    assert!(r.head.contains("application/json"), "{}", r.head);
+    assert!(r.closed);
     // Just over the limit: the contract's JSON body.
     let over = format!(
         "GET /open/x HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n",
@@ -657,6 +661,7 @@ async fn too_large_or_too_many_headers_are_431() {
     lots.push_str("\r\n");
     let r = raw(gw.addr, lots.as_bytes()).await.expect("an answer");
     assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(r.json()["error"], "headers_too_large");
     assert_eq!(up.count(), 0);
 
     // Within both limits: served.
@@ -664,6 +669,33 @@ async fn too_large_or_too_many_headers_are_431() {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
+}
+
+/// hyper answers a head it cannot parse itself, with a bare status; the caller
+/// gets the contract's JSON error instead, and the connection closes.
+#[tokio::test]
+async fn malformed_heads_get_the_contracts_400() {
+    let (up, gw) = open_gateway("").await;
+    for bad in [
+        &b"GET /open/x HTTP/1.1\r\nhost: gw\r\nno colon here\r\n\r\n"[..],
+        b"G@T /open/x HTTP/1.1\r\nhost: gw\r\n\r\n",
+        b"GET /open/x HTTP/9.9\r\nhost: gw\r\n\r\n",
+    ] {
+        let r = raw(gw.addr, bad).await.expect("an answer");
+        let shown = String::from_utf8_lossy(bad);
+        assert_eq!(r.status, 400, "{shown}: {}", r.head);
+        assert_eq!(r.json()["error"], "bad_request", "{shown}");
+        assert!(r.json()["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()));
+        assert!(r.closed, "{shown}");
+    }
+    // A good request on a fresh connection is still served.
+    let r = raw(gw.addr, b"GET /open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(up.count(), 1);
 }
 
 #[tokio::test]
