@@ -547,15 +547,15 @@ mod tests {
         assert!(!asks_close(&h));
     }
 
-    #[tokio::test]
-    async fn uris_take_the_form_each_connection_needs() {
+    fn upstream(authority: &str) -> Upstream {
         let connector =
             super::super::client::connector(None, None, false, &EgressProxy::direct()).unwrap();
-        let up = Upstream::new(
-            connector,
-            Scheme::HTTP,
-            Authority::from_static("api.example:8080"),
-        );
+        Upstream::new(connector, Scheme::HTTP, authority.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn uris_take_the_form_each_connection_needs() {
+        let up = upstream("api.example:8080");
         let mut uri = Uri::from_static("/v2/x?q=1");
         up.set_form(&mut uri, false);
         assert_eq!(uri, "/v2/x?q=1");
@@ -565,5 +565,117 @@ mod tests {
         assert_eq!(uri, "http://api.example:8080/v2/x?q=1");
         up.set_form(&mut uri, false);
         assert_eq!(uri, "/v2/x?q=1");
+    }
+
+    // The paths below run when a pooled connection is not what it seemed at
+    // checkout. A real upstream makes them races; here the pooled connection is
+    // hyper's, on an in-memory pipe, and its task is driven (or dropped) by the
+    // test, so each path is taken every time.
+
+    /// Answers every request head on `io` with `200 ok`, until it closes.
+    async fn answer_ok<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if io.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// An upstream on loopback for fresh connections; counts them.
+    async fn fresh_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(answer_ok(s));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A connection in the idle queue whose task the test holds; the other end
+    /// of its pipe answers `200 ok`.
+    async fn pooled(
+        up: &Upstream,
+    ) -> http1::Connection<hyper_util::rt::TokioIo<tokio::io::DuplexStream>, UpstreamBody> {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        tokio::spawn(answer_ok(theirs));
+        let (tx, conn) = http1::handshake(hyper_util::rt::TokioIo::new(ours))
+            .await
+            .unwrap();
+        let idle = Idle {
+            tx,
+            since: Instant::now(),
+            proxied: false,
+        };
+        assert!(up.origin.idle.push(idle).is_ok());
+        conn
+    }
+
+    fn get() -> Request<UpstreamBody> {
+        let mut req = Request::new(UpstreamBody::buffered(Bytes::new()));
+        *req.uri_mut() = Uri::from_static("/x");
+        req
+    }
+
+    fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn a_request_a_pooled_connection_took_but_never_wrote_goes_out_on_a_fresh_one() {
+        let (addr, fresh) = fresh_upstream().await;
+        let up = upstream(&addr);
+        let mut conn = pooled(&up).await;
+        // Polled once, the connection asks for a request: checkout finds it ready.
+        assert!(poll_once(Pin::new(&mut conn)).is_pending());
+        let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
+        assert!(poll_once(exchange.as_mut()).is_pending());
+        // Its task ends with the request still queued: hyper hands it back.
+        drop(conn);
+        let resp = exchange.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(fresh.load(Ordering::SeqCst), 1, "one fresh connection");
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_not_yet_ready_is_waited_for() {
+        let (addr, fresh) = fresh_upstream().await;
+        let up = upstream(&addr);
+        let conn = pooled(&up).await;
+        // Never polled, so not ready at checkout: the exchange waits for it.
+        let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
+        assert!(poll_once(exchange.as_mut()).is_pending());
+        tokio::spawn(conn);
+        let resp = exchange.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(fresh.load(Ordering::SeqCst), 0, "the pooled one served it");
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_that_closes_while_waited_for_is_replaced() {
+        let (addr, fresh) = fresh_upstream().await;
+        let up = upstream(&addr);
+        let conn = pooled(&up).await;
+        let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
+        assert!(poll_once(exchange.as_mut()).is_pending());
+        drop(conn);
+        let resp = exchange.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(fresh.load(Ordering::SeqCst), 1, "one fresh connection");
     }
 }
