@@ -636,46 +636,49 @@ mod tests {
         f.poll(&mut Context::from_waker(std::task::Waker::noop()))
     }
 
-    #[tokio::test]
-    async fn a_request_a_pooled_connection_took_but_never_wrote_goes_out_on_a_fresh_one() {
+    /// What a test does with the pooled connection's task once the exchange has
+    /// started on it.
+    enum Then {
+        Drive,
+        Drop,
+    }
+
+    /// Sends a GET through an upstream whose one idle connection is a `pooled`
+    /// one, polled once beforehand when `ready` (a connection asks for a request
+    /// when polled, and checkout then finds it ready); then drives or drops that
+    /// connection's task. The request must be answered: returns how many fresh
+    /// connections that took.
+    async fn exchange_on_pooled(ready: bool, then: Then) -> usize {
         let (addr, fresh) = fresh_upstream().await;
         let up = upstream(&addr);
         let mut conn = pooled(&up).await;
-        // Polled once, the connection asks for a request: checkout finds it ready.
-        assert!(poll_once(Pin::new(&mut conn)).is_pending());
+        if ready {
+            assert!(poll_once(Pin::new(&mut conn)).is_pending());
+        }
         let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
         assert!(poll_once(exchange.as_mut()).is_pending());
-        // Its task ends with the request still queued: hyper hands it back.
-        drop(conn);
+        match then {
+            Then::Drive => drop(tokio::spawn(conn)),
+            Then::Drop => drop(conn),
+        }
         let resp = exchange.await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(fresh.load(Ordering::SeqCst), 1, "one fresh connection");
+        fresh.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_request_a_pooled_connection_took_but_never_wrote_goes_out_on_a_fresh_one() {
+        // The task ends with the request still queued: hyper hands it back.
+        assert_eq!(exchange_on_pooled(true, Then::Drop).await, 1);
     }
 
     #[tokio::test]
     async fn a_pooled_connection_not_yet_ready_is_waited_for() {
-        let (addr, fresh) = fresh_upstream().await;
-        let up = upstream(&addr);
-        let conn = pooled(&up).await;
-        // Never polled, so not ready at checkout: the exchange waits for it.
-        let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
-        assert!(poll_once(exchange.as_mut()).is_pending());
-        tokio::spawn(conn);
-        let resp = exchange.await.unwrap();
-        assert_eq!(resp.status(), 200);
-        assert_eq!(fresh.load(Ordering::SeqCst), 0, "the pooled one served it");
+        assert_eq!(exchange_on_pooled(false, Then::Drive).await, 0);
     }
 
     #[tokio::test]
     async fn a_pooled_connection_that_closes_while_waited_for_is_replaced() {
-        let (addr, fresh) = fresh_upstream().await;
-        let up = upstream(&addr);
-        let conn = pooled(&up).await;
-        let mut exchange = std::pin::pin!(up.send(get(), Instant::now()));
-        assert!(poll_once(exchange.as_mut()).is_pending());
-        drop(conn);
-        let resp = exchange.await.unwrap();
-        assert_eq!(resp.status(), 200);
-        assert_eq!(fresh.load(Ordering::SeqCst), 1, "one fresh connection");
+        assert_eq!(exchange_on_pooled(false, Then::Drop).await, 1);
     }
 }
