@@ -79,16 +79,17 @@ impl ProxyError {
         }
     }
 
-    /// The JSON response of the contract.
-    pub fn to_response(
+    /// The contract's JSON body; `message` in place of the variant's own.
+    fn json_body(
         &self,
+        message: Option<&str>,
         request_id: &str,
         route: Option<&str>,
         provider: Option<&str>,
-    ) -> Response<GatewayBody> {
+    ) -> String {
         let mut body = serde_json::json!({
             "error": self.code(),
-            "message": self.public_message(),
+            "message": message.map_or_else(|| self.public_message(), str::to_owned),
             "request_id": request_id,
         });
         if let Some(r) = route {
@@ -97,7 +98,18 @@ impl ProxyError {
         if let Some(p) = provider {
             body["provider"] = p.into();
         }
-        let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
+        body.to_string()
+    }
+
+    /// The JSON response of the contract.
+    pub fn to_response(
+        &self,
+        request_id: &str,
+        route: Option<&str>,
+        provider: Option<&str>,
+    ) -> Response<GatewayBody> {
+        let body = self.json_body(None, request_id, route, provider);
+        let mut resp = Response::new(GatewayBody::full(Bytes::from(body)));
         *resp.status_mut() = self.status();
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -109,6 +121,22 @@ impl ProxyError {
                 .insert(RETRY_AFTER, HeaderValue::from((*retry_after_secs).max(1)));
         }
         resp
+    }
+
+    /// The contract's answer as bytes on an HTTP/1 connection that closes after
+    /// it, for a request the gateway answers before hyper hands it over (a head
+    /// that is late, or that hyper could not parse). `message` in place of the
+    /// variant's own.
+    pub fn to_closing_bytes(&self, request_id: &str, message: Option<&str>) -> Vec<u8> {
+        let body = self.json_body(message, request_id, None, None);
+        let status = self.status();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n{body}",
+            status.as_str(),
+            status.canonical_reason().unwrap_or_default(),
+            body.len(),
+        )
+        .into_bytes()
     }
 }
 

@@ -671,42 +671,24 @@ fn poll_deadline(
     }
 }
 
-/// The contract's JSON answer to a request that never reached the service, as
-/// bytes on the wire, closing the connection.
-fn closing_answer(err: &ProxyError, message: &str) -> Vec<u8> {
+/// The contract's JSON answer to a request that never reached the service, with a
+/// request id of its own.
+fn closing_answer(err: &ProxyError, message: Option<&str>) -> Vec<u8> {
     let id = crate::forward::headers::new_request_id();
-    let id = id.to_str().unwrap_or_default();
-    let body = serde_json::json!({
-        "error": err.code(),
-        "message": message,
-        "request_id": id,
-    })
-    .to_string();
-    let status = err.status();
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
-        status.as_str(),
-        status.canonical_reason().unwrap_or_default(),
-        body.len(),
-    )
-    .into_bytes()
+    err.to_closing_bytes(id.to_str().unwrap_or_default(), message)
 }
 
 /// hyper's own answer to a head it could not parse (written while no request is
 /// in flight, so it can be nothing else), as the contract's error. `None` for
 /// anything else.
 fn parse_error_answer(data: &[u8]) -> Option<Vec<u8>> {
-    let status = data.strip_prefix(b"HTTP/1.")?.get(2..5)?;
-    let (err, message) = match status {
-        b"400" => (
-            ProxyError::BadRequest("malformed request"),
-            "malformed request",
-        ),
+    let err = match data.strip_prefix(b"HTTP/1.")?.get(2..5)? {
+        b"400" => ProxyError::BadRequest("malformed request"),
         // A request line too long for hyper is a head over the size limit too.
-        b"431" | b"414" => (ProxyError::HeadersTooLarge, "request headers are too large"),
+        b"431" | b"414" => ProxyError::HeadersTooLarge,
         _ => return None,
     };
-    Some(closing_answer(&err, message))
+    Some(closing_answer(&err, None))
 }
 
 impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
@@ -781,7 +763,7 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
                         *this.closing = Some((
                             closing_answer(
                                 &ProxyError::RequestTimeout,
-                                "request headers not complete in time",
+                                Some("request headers not complete in time"),
                             ),
                             0,
                         ));

@@ -44,17 +44,14 @@ impl ConnDeadline {
         }
     }
 
-    /// The request in flight ends at `deadline`.
-    pub fn arm(&self, deadline: Instant) {
+    /// The request in flight ends at `deadline`, until the guard is dropped (its
+    /// answer is on its way, or the request was given up).
+    pub fn arm(&self, deadline: Instant) -> Armed<'_> {
         let at = deadline.saturating_duration_since(self.base).as_nanos();
         self.passed.store(false, Ordering::Relaxed);
         self.at
             .store(u64::try_from(at).unwrap_or(NONE - 1), Ordering::Relaxed);
-    }
-
-    /// The request is done with its deadline (its answer is on its way).
-    pub fn disarm(&self) {
-        self.at.store(NONE, Ordering::Relaxed);
+        Armed(self)
     }
 
     fn passed(&self) -> bool {
@@ -66,6 +63,17 @@ impl ConnDeadline {
             NONE => None,
             at => Some(self.base + Duration::from_nanos(at)),
         }
+    }
+}
+
+/// A deadline in the cell; dropping it clears the cell, so that the connection's
+/// timer does not watch a request that is over.
+#[derive(Debug)]
+pub struct Armed<'a>(&'a ConnDeadline);
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.0.at.store(NONE, Ordering::Relaxed);
     }
 }
 
@@ -201,7 +209,7 @@ mod tests {
     async fn a_passed_deadline_ends_the_request_but_not_a_ready_answer() {
         let cell = ConnDeadline::new();
         let deadline = Instant::now() + Duration::from_secs(1);
-        cell.arm(deadline);
+        let armed = cell.arm(deadline);
         assert_eq!(cell.armed(), Some(deadline));
         assert!(poll_once(Bounded::new(pending::<()>(), deadline, Some(&cell))).is_pending());
         cell.passed.store(true, Ordering::Relaxed);
@@ -213,10 +221,12 @@ mod tests {
             poll_once(Bounded::new(ready(7), deadline, Some(&cell))),
             Poll::Ready(Ok(7))
         );
-        // The next request starts afresh.
-        cell.arm(deadline + Duration::from_secs(1));
+        // The next request starts afresh; a request that is over leaves no deadline.
+        drop(armed);
+        assert_eq!(cell.armed(), None);
+        let next = cell.arm(deadline + Duration::from_secs(1));
         assert!(!cell.passed());
-        cell.disarm();
+        drop(next);
         assert_eq!(cell.armed(), None);
     }
 
@@ -228,23 +238,30 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         // Nothing armed: nothing to watch.
         assert!(!watch.poll_expired(&cell, &mut cx));
+        // One request after another, each guard dropped when its request is over.
         let first = Instant::now() + Duration::from_millis(100);
-        cell.arm(first);
-        assert!(!watch.poll_expired(&cell, &mut cx));
-        // A later deadline leaves the timer where it is; when it fires early, the
-        // deadline has not passed.
-        cell.arm(first + Duration::from_millis(100));
-        tokio::time::advance(Duration::from_millis(150)).await;
-        assert!(!watch.poll_expired(&cell, &mut cx));
-        assert!(!cell.passed());
-        tokio::time::advance(Duration::from_millis(60)).await;
-        assert!(watch.poll_expired(&cell, &mut cx));
-        assert!(cell.passed());
-        assert!(!watch.poll_expired(&cell, &mut cx), "once per deadline");
+        {
+            let _armed = cell.arm(first);
+            assert!(!watch.poll_expired(&cell, &mut cx));
+        }
+        {
+            // A later deadline leaves the timer where it is; when it fires early,
+            // the deadline has not passed.
+            let _armed = cell.arm(first + Duration::from_millis(100));
+            tokio::time::advance(Duration::from_millis(150)).await;
+            assert!(!watch.poll_expired(&cell, &mut cx));
+            assert!(!cell.passed());
+            tokio::time::advance(Duration::from_millis(60)).await;
+            assert!(watch.poll_expired(&cell, &mut cx));
+            assert!(cell.passed());
+            assert!(!watch.poll_expired(&cell, &mut cx), "once per deadline");
+        }
+        {
+            let _armed = cell.arm(Instant::now() + Duration::from_secs(60));
+            assert!(!watch.poll_expired(&cell, &mut cx));
+        }
         // An earlier deadline than the one armed moves the timer.
-        cell.arm(Instant::now() + Duration::from_secs(60));
-        assert!(!watch.poll_expired(&cell, &mut cx));
-        cell.arm(Instant::now() + Duration::from_millis(10));
+        let _armed = cell.arm(Instant::now() + Duration::from_millis(10));
         assert!(!watch.poll_expired(&cell, &mut cx));
         tokio::time::advance(Duration::from_millis(20)).await;
         assert!(watch.poll_expired(&cell, &mut cx));

@@ -84,9 +84,6 @@ pub async fn serve(
 
     let mut out = Outcome::default();
     let result = proxy(gw, &snap, req, conn, &request_id, started, &mut out).await;
-    if let Some(d) = &conn.deadline {
-        d.disarm();
-    }
     let (mut resp, error) = match result {
         Ok(r) => (r, None),
         Err(e) => {
@@ -219,9 +216,8 @@ async fn proxy(
     // The route's timeout counts from the request's arrival (and it saves a clock read).
     let deadline = started + route.cfg.timeout;
     let watched = conn.deadline.as_ref();
-    if let Some(d) = watched {
-        d.arm(deadline);
-    }
+    // Cleared when this function returns: the response's body streams unbounded.
+    let _armed = watched.map(|d| d.arm(deadline));
 
     // 4. The credential: from the cell, or wait for the first fetch (bounded).
     let credential = match &route.provider {

@@ -62,7 +62,7 @@ struct Origin {
     authority: Authority,
     /// `scheme://authority/`: what the connector dials.
     dst: Uri,
-    idle: ArrayQueue<Idle>,
+    idle: ArrayQueue<H1>,
     h2: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
     /// Set while the origin answers ALPN with h2: the per-request check of `h2` is
     /// skipped for the (common) HTTP/1 origins, and reconnects go one at a time
@@ -72,23 +72,16 @@ struct Origin {
     reaper_started: AtomicBool,
 }
 
-struct Idle {
-    tx: http1::SendRequest<UpstreamBody>,
-    /// When the last request on it arrived (see `H1::arrived`).
-    since: Instant,
-    proxied: bool,
-}
-
-/// An HTTP/1 connection checked out for one request.
+/// An HTTP/1 connection: idle in the queue, or checked out for one request.
 struct H1 {
     tx: http1::SendRequest<UpstreamBody>,
     /// Leads to a forward proxy: requests go in absolute form.
     proxied: bool,
-    /// When the request it carries arrived at the gateway. Its idle time, back in
-    /// the pool, counts from then rather than from the end of the response: a
-    /// little early, which errs towards a fresh connection, and a clock read per
-    /// request saved.
-    arrived: Instant,
+    /// When the request it carries (or, idle, last carried) arrived at the
+    /// gateway. Its idle time counts from then rather than from the end of the
+    /// response: a little early, which errs towards a fresh connection, and a
+    /// clock read per request saved.
+    used: Instant,
 }
 
 enum Fresh {
@@ -156,15 +149,11 @@ impl Upstream {
                 answer: self.start_h2(&mut tx, req),
             };
         }
-        while let Some(idle) = self.origin.idle.pop() {
-            if idle.tx.is_closed() || now.saturating_duration_since(idle.since) > IDLE_TIMEOUT {
+        while let Some(mut conn) = self.origin.idle.pop() {
+            if conn.tx.is_closed() || now.saturating_duration_since(conn.used) > IDLE_TIMEOUT {
                 continue;
             }
-            let mut conn = H1 {
-                tx: idle.tx,
-                proxied: idle.proxied,
-                arrived: now,
-            };
+            conn.used = now;
             if !conn.tx.is_ready() {
                 // Handed back at the end of a body it has not finished reading:
                 // wait for it (briefly), off the common path.
@@ -196,7 +185,7 @@ impl Upstream {
             }
         } else {
             // It closed meanwhile: the next idle one, or a fresh one.
-            let now = conn.arrived;
+            let now = conn.used;
             self.send(req, now).await
         }
     }
@@ -287,9 +276,7 @@ impl Upstream {
         let (parts, inner) = resp.into_parts();
         let mut checkin = (!asks_close(&parts.headers)).then(|| Checkin {
             origin: self.origin.clone(),
-            tx: conn.tx,
-            proxied: conn.proxied,
-            since: conn.arrived,
+            conn,
         });
         // Nothing will poll a body that is already over (HEAD, 204, length 0).
         if inner.is_end_stream() {
@@ -371,7 +358,7 @@ impl Upstream {
         Ok(Fresh::H1(H1 {
             tx,
             proxied: connected.is_proxied(),
-            arrived: Instant::now(),
+            used: Instant::now(),
         }))
     }
 }
@@ -440,10 +427,10 @@ async fn reap(origin: Weak<Origin>) {
         tick.tick().await;
         let Some(o) = origin.upgrade() else { return };
         for _ in 0..o.idle.len() {
-            let Some(idle) = o.idle.pop() else { break };
-            if !idle.tx.is_closed() && idle.since.elapsed() <= IDLE_TIMEOUT {
+            let Some(conn) = o.idle.pop() else { break };
+            if !conn.tx.is_closed() && conn.used.elapsed() <= IDLE_TIMEOUT {
                 // Full only if requests refilled it meanwhile: then this one can go.
-                let _ = o.idle.push(idle);
+                let _ = o.idle.push(conn);
             }
         }
     }
@@ -452,22 +439,16 @@ async fn reap(origin: Weak<Origin>) {
 /// What goes back to the idle queue when a response body ends cleanly.
 struct Checkin {
     origin: Arc<Origin>,
-    tx: http1::SendRequest<UpstreamBody>,
-    proxied: bool,
-    since: Instant,
+    conn: H1,
 }
 
 impl Checkin {
     fn put_back(self) {
-        if self.tx.is_closed() {
+        if self.conn.tx.is_closed() {
             return;
         }
         // A full queue refuses it: dropping the sender closes the connection.
-        let _ = self.origin.idle.push(Idle {
-            tx: self.tx,
-            since: self.since,
-            proxied: self.proxied,
-        });
+        let _ = self.origin.idle.push(self.conn);
     }
 }
 
@@ -617,10 +598,10 @@ mod tests {
         let (tx, conn) = http1::handshake(hyper_util::rt::TokioIo::new(ours))
             .await
             .unwrap();
-        let idle = Idle {
+        let idle = H1 {
             tx,
-            since: Instant::now(),
             proxied: false,
+            used: Instant::now(),
         };
         assert!(up.origin.idle.push(idle).is_ok());
         conn

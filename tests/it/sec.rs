@@ -698,6 +698,22 @@ async fn malformed_heads_get_the_contracts_400() {
     assert_eq!(up.count(), 1);
 }
 
+/// A request line longer than hyper takes (its own 414) is a head over the size
+/// limit: the contract's 431.
+#[tokio::test]
+async fn an_overlong_request_line_gets_the_contracts_431() {
+    let (up, gw) = open_gateway("").await;
+    let line = format!(
+        "GET /open/{} HTTP/1.1\r\nhost: gw\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let r = raw(gw.addr, line.as_bytes()).await.expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(r.json()["error"], "headers_too_large");
+    assert!(r.closed);
+    assert_eq!(up.count(), 0);
+}
+
 #[tokio::test]
 async fn slow_headers_get_408_while_others_are_served() {
     let idp = MockIdp::start().await;
