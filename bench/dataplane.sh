@@ -87,7 +87,7 @@ mkdir -p "$RESULTS_DIR"
 CSV=$RESULTS_DIR/dataplane.csv
 PCT_CSV=$RESULTS_DIR/dataplane_latency.csv
 INFO=$RESULTS_DIR/dataplane_info.txt
-echo "round,target,requests,duration_s,rps,p50_us,p75_us,p90_us,p99_us,p999_us,max_us,status_errors,socket_errors,cpu_s,cpu_us_per_req,peak_rss_kib" >"$CSV"
+echo "round,target,requests,duration_s,rps,p50_us,p75_us,p90_us,p99_us,p999_us,max_us,status_errors,socket_errors,cpu_s,cpu_us_per_req,peak_rss_kib,user_us_per_req" >"$CSV"
 echo "round,target,percentile,latency_us" >"$PCT_CSV"
 {
     machine_info
@@ -141,25 +141,26 @@ measure() { # measure ROUND TARGET
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 ${HDR[@]+"${HDR[@]}"} "http://127.0.0.1:$PORT$URL_PATH" || true)
     [[ $code == 200 ]] || die "$t answered $code instead of 200 on $URL_PATH"
     run_wrk "$WARMUP" "$out.warmup" || die "wrk warm-up failed for $t: $(tail -3 "$out.warmup")"
-    local pid=${PROXY_PID:-} t0=0 t1=0
-    [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
+    local pid=${PROXY_PID:-} t0=0 t1=0 u0=0 u1=0
+    [[ -n $pid ]] && read -r t0 u0 < <(cpu_ticks "$pid")
     run_wrk "$DURATION" "$out" || die "wrk failed for $t: $(tail -3 "$out")"
-    [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
+    [[ -n $pid ]] && read -r t1 u1 < <(cpu_ticks "$pid")
     grep -q '^BENCH ' "$out" || die "no BENCH line in wrk output for $t (see $out)"
 
-    local req dur rps cpu_s cpu_per rss sock
+    local req dur rps cpu_s cpu_per user_per rss sock
     req=$(field "$out" requests); dur=$(field "$out" duration_us)
     sock=$(($(field "$out" connect_errors) + $(field "$out" read_errors) + $(field "$out" write_errors) + $(field "$out" timeouts)))
     rps=$(awk -v r="$req" -v d="$dur" 'BEGIN {printf "%.1f", r / (d / 1e6)}')
     if [[ -n $pid ]]; then
         cpu_s=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
         cpu_per=$(awk -v c="$cpu_s" -v r="$req" 'BEGIN {printf "%.2f", r ? c * 1e6 / r : 0}')
+        user_per=$(awk -v a="$u0" -v b="$u1" -v hz="$CLK_TCK" -v r="$req" 'BEGIN {printf "%.2f", r ? (b - a) / hz * 1e6 / r : 0}')
         rss=$(peak_rss_kib "$pid")
         stop_pid "$pid"
     else
-        cpu_s=""; cpu_per=""; rss=""
+        cpu_s=""; cpu_per=""; user_per=""; rss=""
     fi
-    echo "$round,$t,$req,$(awk -v d="$dur" 'BEGIN {printf "%.3f", d / 1e6}'),$rps,$(field "$out" p50),$(field "$out" p75),$(field "$out" p90),$(field "$out" p99),$(field "$out" p999),$(field "$out" max),$(field "$out" status_errors),$sock,$cpu_s,$cpu_per,$rss" >>"$CSV"
+    echo "$round,$t,$req,$(awk -v d="$dur" 'BEGIN {printf "%.3f", d / 1e6}'),$rps,$(field "$out" p50),$(field "$out" p75),$(field "$out" p90),$(field "$out" p99),$(field "$out" p999),$(field "$out" max),$(field "$out" status_errors),$sock,$cpu_s,$cpu_per,$rss,$user_per" >>"$CSV"
     sed -n 's/^BENCHPCT //p' "$out" | tr ',' '\n' | awk -F: -v r="$round" -v t="$t" '{print r "," t "," $1 "," $2}' >>"$PCT_CSV"
     log "round $round $t: ${rps} req/s, p99 $(field "$out" p99) µs, cpu ${cpu_s:--} s, peak rss ${rss:--} KiB, non-2xx $(field "$out" status_errors), socket errors $sock"
 }

@@ -14,7 +14,9 @@
 #   the words `nginx` and `haproxy` count the peers of dataplane.sh, configured
 #   the same way (nginx as one process: master_process off).
 # Environment: DURATION=5 CONNECTIONS=64 PORT_BASE=18900 KEEP=1 (keep the
-#   callgrind.out files: callgrind_annotate shows where the instructions go).
+#   callgrind.out files: callgrind_annotate shows where the instructions go),
+#   CALLGRIND_OPTS (extra valgrind options, e.g. "--cache-sim=yes" to count
+#   simulated cache misses per function as well).
 # Output: one line per binary on stdout, and $RESULTS_DIR/instructions.md.
 # Needs: valgrind (Debian package), plus what setup.sh installs.
 set -euo pipefail
@@ -62,7 +64,7 @@ for bin in "${BINS[@]}"; do
         cmd=("$bin" "127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api) ;;
     esac
     BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
-        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
+        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" ${CALLGRIND_OPTS:-} \
         "${cmd[@]}" 2>"$RUN_DIR/valgrind.log" &
     pid=$!
     track "$pid"

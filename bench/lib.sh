@@ -103,16 +103,19 @@ tree_pids() {
     for c in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do tree_pids "$c"; done
 }
 
-# CPU ticks (utime+stime, fields 14 and 15) summed over a process tree.
+# CPU ticks summed over a process tree: "TOTAL USER" (utime+stime and utime alone,
+# fields 14 and 15). The user part is the proxy's own code; the rest is the kernel
+# (mostly loopback TCP), which every proxy pays alike for the same syscalls.
 cpu_ticks() {
-    local total=0 p s
+    local total=0 user=0 p s
     for p in $(tree_pids "$1"); do
         s=$(cat /proc/"$p"/stat 2>/dev/null) || continue
         s=${s##*) }            # drop "pid (comm) " — comm may contain spaces
         set -- $s               # now $1 is field 3 (state)
         total=$((total + ${12} + ${13}))
+        user=$((user + ${12}))
     done
-    echo "$total"
+    echo "$total $user"
 }
 
 # Peak RSS (VmHWM, KiB) of the largest process of a tree: for nginx that is the

@@ -121,9 +121,9 @@ if ((!SELFTEST)); then
         start_authgate "$RUN_DIR/ag-wt$wt.toml" "$AG_PORT" "$cpus"
         TARGET_PID=$PROXY_PID
         run_wrk 2 "$RUN_DIR/wt$wt-warm.txt"
-        t0=$(cpu_ticks "$TARGET_PID")
+        read -r t0 _ < <(cpu_ticks "$TARGET_PID")
         run_wrk "$DURATION" "$RUN_DIR/wt$wt.txt"
-        t1=$(cpu_ticks "$TARGET_PID")
+        read -r t1 _ < <(cpu_ticks "$TARGET_PID")
         req=$(field "$RUN_DIR/wt$wt.txt" requests)
         record "rps_worker_threads_$wt" "$(rps_of "$RUN_DIR/wt$wt.txt")" req/s
         record "p99_worker_threads_$wt" "$(field "$RUN_DIR/wt$wt.txt" p99)" us

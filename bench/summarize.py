@@ -99,6 +99,7 @@ def main():
             "p99": med(num(r["p99_us"]) for r in rs),
             "p999": med(num(r["p999_us"]) for r in rs),
             "cpu": med(num(r["cpu_us_per_req"]) for r in rs),
+            "user": med(num(r.get("user_us_per_req")) for r in rs),
             "rss": max((num(r["peak_rss_kib"]) or 0 for r in rs), default=None) or None,
             "errors": sum(int(r["status_errors"] or 0) + int(r["socket_errors"] or 0) for r in rs),
         }
@@ -106,7 +107,7 @@ def main():
     # Best peer value per metric: max for throughput, min for the costs.
     peers = [summary[p] for p in PEERS if p in summary]
     best = {}
-    for key, pick in (("rps", max), ("p50", min), ("p99", min), ("p999", min), ("cpu", min), ("rss", min)):
+    for key, pick in (("rps", max), ("p50", min), ("p99", min), ("p999", min), ("cpu", min), ("user", min), ("rss", min)):
         vals = [p[key] for p in peers if p[key] is not None]
         best[key] = pick(vals) if vals else None
 
@@ -119,13 +120,14 @@ def main():
         "Medians over the rounds; `×` columns are ratios against the best peer (the better of "
         "nginx and HAProxy for that column): above 1.00× is better for req/s, below 1.00× is "
         "better for latency, CPU and memory. CPU is the proxy's user+system time per request "
-        "(from /proc/PID/stat around the measured run); peak RSS is VmHWM of the proxy's "
+        "(from /proc/PID/stat around the measured run), and `user` the part of it spent in the "
+        "proxy's own code rather than the kernel; peak RSS is VmHWM of the proxy's "
         "largest process. `direct` (no proxy) is the ceiling of this machine and load generator; "
         "`hyper-floor` (bench/hyper_floor.rs) is hyper's server and client with nothing between "
         "them, the least any hyper-based proxy costs.",
         "",
-        "| target | req/s | × | req/s range | p50 ms | × | p99 ms | × | p99.9 ms | × | CPU µs/req | × | peak RSS MiB | × | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | req/s | × | req/s range | p50 ms | × | p99 ms | × | p99.9 ms | × | CPU µs/req | × | user µs/req | × | peak RSS MiB | × | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in targets:
         s = summary[t]
@@ -139,6 +141,7 @@ def main():
             f"| {fmt(ms(s['p99']), 3)} | {ratio(s['p99'], best['p99'])} "
             f"| {fmt(ms(s['p999']), 3)} | {ratio(s['p999'], best['p999'])} "
             f"| {fmt(s['cpu'], 1)} | {ratio(s['cpu'], best['cpu'])} "
+            f"| {fmt(s['user'], 1)} | {ratio(s['user'], best['user'])} "
             f"| {fmt(mib, 1)} | {ratio(mib, best_mib)} "
             f"| {s['errors']} |"
         )
