@@ -194,10 +194,19 @@ impl Upstream {
     /// wrote the request.
     async fn send_fresh(
         &self,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, SendError> {
         let sent = match self.connect().await? {
-            Fresh::H1(conn) => self.send_h1(conn, req).await,
+            Fresh::H1(conn) => {
+                // A request first tried on h2 gave its `host` up for `:authority`
+                // (see `start_h2`); HTTP/1.1 needs it back.
+                if !req.headers().contains_key(http::header::HOST) {
+                    if let Ok(host) = http::HeaderValue::from_str(self.origin.authority.as_str()) {
+                        req.headers_mut().insert(http::header::HOST, host);
+                    }
+                }
+                self.send_h1(conn, req).await
+            }
             Fresh::H2(tx) => self.send_h2(tx, req).await,
         };
         sent.map_err(|(e, _)| e)
@@ -243,6 +252,9 @@ impl Upstream {
     }
 
     /// Hands `req` to the h2 connection (always absolute-form: see `set_form`).
+    /// Its `:authority` is the origin's, so the `host` field goes: RFC 9113
+    /// §8.3.1 lets the two coexist only when equal, and nginx refuses a request
+    /// carrying both ("duplicate host header", 400).
     #[inline]
     fn start_h2(
         &self,
@@ -250,6 +262,7 @@ impl Upstream {
         mut req: Request<UpstreamBody>,
     ) -> impl Future<Output = Answer> {
         self.set_form(req.uri_mut(), true);
+        req.headers_mut().remove(http::header::HOST);
         tx.try_send_request(req)
     }
 
@@ -645,6 +658,33 @@ mod tests {
         let resp = exchange.await.unwrap();
         assert_eq!(resp.status(), 200);
         fresh.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_request_without_host_gets_it_back_on_a_fresh_http1_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // What an h2 attempt hands back has no `host` (see `start_h2`).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let head = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before a request head");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(seen).unwrap().to_ascii_lowercase()
+        });
+        let up = upstream(&addr);
+        let resp = up.send_fresh(get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let head = head.await.unwrap();
+        assert!(head.contains(&format!("\r\nhost: {addr}\r\n")), "{head}");
     }
 
     #[tokio::test]

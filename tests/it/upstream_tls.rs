@@ -15,6 +15,9 @@ struct Seen {
     connections: usize,
     versions: Vec<String>,
     client_cert: Vec<bool>,
+    /// Per request: the `:authority` (h2) or the URI's authority, and how many
+    /// `host` fields came with it.
+    authorities: Vec<(String, usize)>,
 }
 
 /// A TLS upstream offering h2 and http/1.1, optionally requiring client certs.
@@ -75,6 +78,13 @@ async fn tls_upstream(
                             let mut s = seen.lock().unwrap();
                             s.versions.push(format!("{:?}", req.version()));
                             s.client_cert.push(has_cert);
+                            s.authorities.push((
+                                req.uri()
+                                    .authority()
+                                    .map(|a| a.to_string())
+                                    .unwrap_or_default(),
+                                req.headers().get_all("host").iter().count(),
+                            ));
                             let auth = req
                                 .headers()
                                 .get("authorization")
@@ -126,6 +136,12 @@ upstream = "https://localhost:{port}/base"
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "Bearer tls-token-1");
     assert_eq!(seen.lock().unwrap().versions, vec!["HTTP/2.0"]);
+    // The authority travels as `:authority` alone: nginx refuses an h2 request
+    // that also carries a `host` field.
+    assert_eq!(
+        seen.lock().unwrap().authorities,
+        vec![(format!("localhost:{}", addr.port()), 0)]
+    );
     // Without the route's CA the upstream's certificate is not trusted.
     let r = c.get(&gw.url("/untrusted/x")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
