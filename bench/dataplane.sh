@@ -9,6 +9,9 @@
 #   haproxy           nbthread 1, http-request set-header Authorization, http-reuse
 #   authgate-static   [runtime] worker_threads = 1, grant = "static"
 #   authgate-oauth    same, grant = "client_credentials" against bench/mock_idp.py
+#   authgate-pgo      authgate-static, built by bench/pgo.sh (profile-guided): the
+#                     same source, its hot code laid out together (skipped with a
+#                     note when bench/pgo.sh has not been run)
 #   hyper-floor       bench/hyper_floor.rs: hyper's server and client with nothing
 #                     of authgate's between them (no pool, routing, hygiene,
 #                     metrics): the least any hyper-based proxy costs
@@ -18,11 +21,12 @@
 #
 # Environment (all optional):
 #   DURATION=10 CONNECTIONS=64 THREADS=1 ROUNDS=3 WARMUP=2   wrk parameters
-#   TARGETS="direct nginx haproxy authgate-static authgate-oauth hyper-floor"
-#   PORT_BASE=18700        ports PORT_BASE+1..+6 on 127.0.0.1
+#   TARGETS="direct nginx haproxy authgate-static authgate-oauth authgate-pgo hyper-floor"
+#   PORT_BASE=18700        ports PORT_BASE+1..+8 on 127.0.0.1
 #   PROXY_CPU WRK_CPU UPSTREAM_CPU   CPU pinning (see lib.sh for defaults)
 #   AUTHGATE_BIN           default target/release/authgate (built if missing)
 #   HYPER_FLOOR_BIN        default target/release/examples/hyper_floor (built if missing)
+#   AUTHGATE_PGO_BIN       default target/pgo/<host>/release/authgate (bench/pgo.sh)
 #   AUTHGATE_BUILD=0       never run cargo; skip authgate/hyper-floor rows when missing
 #   RESULTS_DIR            default bench/results
 # Output: $RESULTS_DIR/dataplane.md, dataplane.csv, dataplane_latency.csv,
@@ -36,7 +40,7 @@ THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
 PORT_BASE=${PORT_BASE:-18700}
-read -r -a TARGETS <<<"${TARGETS:-direct nginx haproxy authgate-static authgate-oauth hyper-floor}"
+read -r -a TARGETS <<<"${TARGETS:-direct nginx haproxy authgate-static authgate-oauth authgate-pgo hyper-floor}"
 
 UP_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
@@ -45,10 +49,12 @@ AG_STATIC_PORT=$((PORT_BASE + 4))
 AG_OAUTH_PORT=$((PORT_BASE + 5))
 IDP_PORT=$((PORT_BASE + 6))
 FLOOR_PORT=$((PORT_BASE + 7))
+AG_PGO_PORT=$((PORT_BASE + 8))
+AUTHGATE_PGO_BIN=${AUTHGATE_PGO_BIN:-$REPO_DIR/target/pgo/$(rustc -vV 2>/dev/null | awk '/^host:/ {print $2}')/release/authgate}
 
 # ---------------------------------------------------------------- preflight
 "$BENCH_DIR/setup.sh" >&2
-for p in $UP_PORT $NGINX_PORT $HAPROXY_PORT $AG_STATIC_PORT $AG_OAUTH_PORT $IDP_PORT $FLOOR_PORT; do
+for p in $UP_PORT $NGINX_PORT $HAPROXY_PORT $AG_STATIC_PORT $AG_OAUTH_PORT $IDP_PORT $FLOOR_PORT $AG_PGO_PORT; do
     port_free "$p" || die "port $p is in use (set PORT_BASE to another range)"
 done
 
@@ -75,6 +81,10 @@ if has_target hyper-floor && ! ensure_hyper_floor; then
     log "      Build it (cargo build --release --example hyper_floor) or set HYPER_FLOOR_BIN."
     drop_targets hyper-floor
 fi
+if has_target authgate-pgo && [[ ! -x $AUTHGATE_PGO_BIN ]]; then
+    log "NOTE: $AUTHGATE_PGO_BIN not found — skipping the authgate-pgo row (run bench/pgo.sh)."
+    drop_targets authgate-pgo
+fi
 ((${#TARGETS[@]} > 0)) || die "nothing to measure"
 
 # Bound the whole run: every measurement is warm-up + duration + start/stop slack.
@@ -93,6 +103,7 @@ echo "round,target,percentile,latency_us" >"$PCT_CSV"
     machine_info
     echo "- wrk: -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, warm-up ${WARMUP}s, $ROUNDS rounds, order rotated per round"
     echo "- targets: ${TARGETS[*]}"
+    if has_target authgate-pgo; then echo "- authgate-pgo: $AUTHGATE_PGO_BIN (built $(date -u -r "$AUTHGATE_PGO_BIN" +%Y-%m-%dT%H:%MZ))"; fi
 } >"$INFO"
 log "running ${TARGETS[*]} × $ROUNDS rounds of ${DURATION}s (bounded to ${MAX_SECONDS}s)"
 
@@ -118,6 +129,10 @@ start_target() {
         PORT=$AG_OAUTH_PORT
         write_authgate_config "$RUN_DIR/ag-oauth.toml" "$PORT" "$UP_PORT" 1 client_credentials "$IDP_PORT"
         start_authgate "$RUN_DIR/ag-oauth.toml" "$PORT" "$PROXY_CPU" ;;
+    authgate-pgo)
+        PORT=$AG_PGO_PORT
+        write_authgate_config "$RUN_DIR/ag-pgo.toml" "$PORT" "$UP_PORT" 1 static
+        AUTHGATE_BIN=$AUTHGATE_PGO_BIN start_authgate "$RUN_DIR/ag-pgo.toml" "$PORT" "$PROXY_CPU" ;;
     hyper-floor)
         PORT=$FLOOR_PORT; start_hyper_floor "$PORT" "$UP_PORT" "$PROXY_CPU" ;;
     *) die "unknown target $1" ;;

@@ -16,6 +16,7 @@ COLORS = {
     "haproxy": "#1f77b4",
     "authgate-static": "#d62728",
     "authgate-oauth": "#ff7f0e",
+    "authgate-pgo": "#bcbd22",
     "hyper-floor": "#9467bd",
 }
 EXTRA = ["#8c564b", "#e377c2", "#17becf"]

@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 
 PEERS = ("nginx", "haproxy")
-ORDER = ("direct", "nginx", "haproxy", "authgate-static", "authgate-oauth", "hyper-floor")
+ORDER = ("direct", "nginx", "haproxy", "authgate-static", "authgate-oauth", "authgate-pgo", "hyper-floor")
 
 
 def num(v):
@@ -124,7 +124,8 @@ def main():
         "proxy's own code rather than the kernel; peak RSS is VmHWM of the proxy's "
         "largest process. `direct` (no proxy) is the ceiling of this machine and load generator; "
         "`hyper-floor` (bench/hyper_floor.rs) is hyper's server and client with nothing between "
-        "them, the least any hyper-based proxy costs.",
+        "them, the least any hyper-based proxy costs; `authgate-pgo` is authgate-static built by "
+        "bench/pgo.sh (profile-guided optimisation, same source).",
         "",
         "| target | req/s | × | req/s range | p50 ms | × | p99 ms | × | p99.9 ms | × | CPU µs/req | × | user µs/req | × | peak RSS MiB | × | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
