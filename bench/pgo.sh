@@ -24,7 +24,7 @@
 # Usage: bench/pgo.sh             (about twice a release build, plus ~40 s)
 # Environment: PGO_DIR (default target/pgo-data), TRAIN_SECONDS (default 8 per
 #   phase), PORT_BASE (default 18950). The result is printed on the last line.
-# Needs: what setup.sh installs, openssl, and rustup for llvm-tools.
+# Needs: what setup.sh installs (openssl included), and rustup for llvm-tools.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

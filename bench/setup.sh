@@ -7,7 +7,8 @@
 #
 # Packages (Debian 12 "bookworm" versions at the time of writing):
 #   wrk 4.1.0, nginx-light 1.22.1 (falls back to nginx), haproxy 2.6.12,
-#   python3 (stdlib only), procps/util-linux (taskset, ps) — usually present.
+#   python3 (stdlib only), procps/util-linux (taskset, ps), curl, openssl —
+#   usually present.
 set -euo pipefail
 
 need=()
@@ -18,6 +19,8 @@ have_cmd haproxy || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
 have_cmd nginx   || [[ -x /usr/sbin/nginx ]]   || need+=(nginx)
 have_cmd taskset || need+=(util-linux)
 have_cmd python3 || need+=(python3)
+have_cmd curl    || need+=(curl)      # probes: does a target answer 200?
+have_cmd openssl || need+=(openssl)   # pgo.sh: certificates for its TLS training
 
 if ((${#need[@]} == 0)); then
     echo "setup: all prerequisites present"
