@@ -152,9 +152,7 @@ measure() { # measure ROUND TARGET
     local round=$1 t=$2 out=$RUN_DIR/wrk-$1-$2.txt
     start_target "$t"
     # Sanity: the route must answer 200 before we measure anything.
-    local code
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 ${HDR[@]+"${HDR[@]}"} "http://127.0.0.1:$PORT$URL_PATH" || true)
-    [[ $code == 200 ]] || die "$t answered $code instead of 200 on $URL_PATH"
+    expect_200 "$t" "http://127.0.0.1:$PORT$URL_PATH" ${HDR[@]+"${HDR[@]}"}
     run_wrk "$WARMUP" "$out.warmup" || die "wrk warm-up failed for $t: $(tail -3 "$out.warmup")"
     local pid=${PROXY_PID:-} t0=0 t1=0 u0=0 u1=0
     [[ -n $pid ]] && read -r t0 u0 < <(cpu_ticks "$pid")

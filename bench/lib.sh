@@ -77,6 +77,15 @@ install_traps() {
     WATCHDOG_PID=$!
 }
 
+# expect_200 WHAT URL [CURL_ARGS...]: stop the run unless URL answers 200. A
+# target that fails would otherwise be measured (or trained) on its error path.
+expect_200() {
+    local what=$1 url=$2 code
+    shift 2
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@" "$url" || true)
+    [[ $code == 200 ]] || die "$what answered $code instead of 200 on $url"
+}
+
 # ---------------------------------------------------------------- ports
 port_free() {
     ! ss -Hltn "sport = :$1" 2>/dev/null | grep -q .

@@ -62,6 +62,13 @@ log "1/4 instrumented build (target/pgo-generate)"
     cargo build --release --locked --bin authgate --target "$host" --target-dir target/pgo-generate) >&2
 AUTHGATE_BIN=$REPO_DIR/target/pgo-generate/$host/release/authgate
 
+# The profile is written when the process exits normally: SIGTERM and wait,
+# never lib.sh's stop_pid, which kills a process that takes more than 3 s.
+stop_trained() {
+    kill -TERM "$PROXY_PID"
+    wait "$PROXY_PID" 2>/dev/null || true
+}
+
 log "2/4 training run (${TRAIN_SECONDS}s per phase)"
 start_upstream "$UP_PORT"
 start_idp "$IDP_PORT"
@@ -73,14 +80,11 @@ LUA
 for grant in static client_credentials; do
     write_authgate_config "$RUN_DIR/ag-$grant.toml" "$AG_PORT" "$UP_PORT" 1 "$grant" "$IDP_PORT"
     start_authgate "$RUN_DIR/ag-$grant.toml" "$AG_PORT" "$PROXY_CPU"
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$AG_PORT/api/train" || true)
-    [[ $code == 200 ]] || die "the $grant route answered $code instead of 200"
+    expect_200 "the $grant route" "http://127.0.0.1:$AG_PORT/api/train"
     taskset -c "$WRK_CPU" wrk -t1 -c64 -d"${TRAIN_SECONDS}s" "http://127.0.0.1:$AG_PORT/api/train" >/dev/null
     taskset -c "$WRK_CPU" wrk -t1 -c16 -d"$((TRAIN_SECONDS / 2))s" -s "$RUN_DIR/post.lua" \
         "http://127.0.0.1:$AG_PORT/api/train" >/dev/null
-    # A graceful stop: the profile is written when the process exits normally.
-    kill -TERM "$PROXY_PID"
-    wait "$PROXY_PID" 2>/dev/null || true
+    stop_trained
 done
 # TLS on both sides: a throwaway CA and a certificate for 127.0.0.1 signed by it,
 # trusted by the routes (`ca`) and not checked by wrk; nginx answers over HTTP/1.1 on one port and
@@ -143,12 +147,11 @@ ca = "$tls/ca.pem"
 CONF
 start_authgate "$RUN_DIR/ag-tls.toml" "$AG_PORT" "$PROXY_CPU"
 for route in h1 h2; do
-    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "https://127.0.0.1:$AG_PORT/$route/train" || true)
-    [[ $code == 200 ]] || die "the TLS route /$route answered $code instead of 200 (see $RUN_DIR/ag-tls.toml.log)"
+    expect_200 "the TLS route /$route (see $RUN_DIR/ag-tls.toml.log)" \
+        "https://127.0.0.1:$AG_PORT/$route/train" -k
     taskset -c "$WRK_CPU" wrk -t1 -c32 -d"$((TRAIN_SECONDS / 2))s" "https://127.0.0.1:$AG_PORT/$route/train" >/dev/null
 done
-kill -TERM "$PROXY_PID"
-wait "$PROXY_PID" 2>/dev/null || true
+stop_trained
 
 ls "$PGO_DIR"/raw/*.profraw >/dev/null 2>&1 || die "the training run wrote no profile"
 

@@ -566,8 +566,14 @@ mod tests {
     // hyper's, on an in-memory pipe, and its task is driven (or dropped) by the
     // test, so each path is taken every time.
 
+    /// The request heads an upstream of these tests received, lowercased.
+    type Heads = Arc<std::sync::Mutex<Vec<String>>>;
+
     /// Answers every request head on `io` with `200 ok`, until it closes.
-    async fn answer_ok<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S) {
+    async fn answer_ok<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut io: S,
+        heads: Heads,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut seen = Vec::new();
         let mut buf = [0u8; 1024];
@@ -577,7 +583,11 @@ mod tests {
                 Ok(n) => seen.extend_from_slice(&buf[..n]),
             }
             while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                seen.drain(..end + 4);
+                let head = seen.drain(..end + 4).collect::<Vec<u8>>();
+                heads
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
                 let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                 if io.write_all(ok).await.is_err() {
                     return;
@@ -586,19 +596,21 @@ mod tests {
         }
     }
 
-    /// An upstream on loopback for fresh connections; counts them.
-    async fn fresh_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    /// An upstream on loopback for fresh connections; counts them and keeps
+    /// the request heads.
+    async fn fresh_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>, Heads) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
+        let heads = Heads::default();
+        let (count, seen) = (accepted.clone(), heads.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(answer_ok(s));
+                tokio::spawn(answer_ok(s, seen.clone()));
             }
         });
-        (addr, accepted)
+        (addr, accepted, heads)
     }
 
     /// A connection in the idle queue whose task the test holds; the other end
@@ -607,7 +619,7 @@ mod tests {
         up: &Upstream,
     ) -> http1::Connection<hyper_util::rt::TokioIo<tokio::io::DuplexStream>, UpstreamBody> {
         let (ours, theirs) = tokio::io::duplex(4096);
-        tokio::spawn(answer_ok(theirs));
+        tokio::spawn(answer_ok(theirs, Heads::default()));
         let (tx, conn) = http1::handshake(hyper_util::rt::TokioIo::new(ours))
             .await
             .unwrap();
@@ -643,7 +655,7 @@ mod tests {
     /// connection's task. The request must be answered: returns how many fresh
     /// connections that took.
     async fn exchange_on_pooled(ready: bool, then: Then) -> usize {
-        let (addr, fresh) = fresh_upstream().await;
+        let (addr, fresh, _) = fresh_upstream().await;
         let up = upstream(&addr);
         let mut conn = pooled(&up).await;
         if ready {
@@ -662,29 +674,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_without_host_gets_it_back_on_a_fresh_http1_connection() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // What an h2 attempt hands back has no `host` (see `start_h2`).
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let head = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before a request head");
-                seen.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
-            String::from_utf8(seen).unwrap().to_ascii_lowercase()
-        });
+        let (addr, _, heads) = fresh_upstream().await;
         let up = upstream(&addr);
         let resp = up.send_fresh(get()).await.unwrap();
         assert_eq!(resp.status(), 200);
-        let head = head.await.unwrap();
-        assert!(head.contains(&format!("\r\nhost: {addr}\r\n")), "{head}");
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 1);
+        assert!(
+            heads[0].contains(&format!("\r\nhost: {addr}\r\n")),
+            "{heads:?}"
+        );
     }
 
     #[tokio::test]
