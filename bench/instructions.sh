@@ -17,8 +17,13 @@
 #   callgrind.out files: callgrind_annotate shows where the instructions go),
 #   CALLGRIND_OPTS (extra valgrind options, e.g. "--cache-sim=yes" to count
 #   simulated cache misses per function as well).
-# Output: one line per binary on stdout, and $RESULTS_DIR/instructions.md.
-# Needs: valgrind (Debian package), plus what setup.sh installs.
+#   COUNT=syscalls counts system calls per request instead, by kind (perf's
+#   syscall tracepoints; no valgrind, so the binaries run at full speed): the
+#   kernel's share of the CPU, the larger one, follows from these.
+# Output: one line per binary on stdout, and $RESULTS_DIR/instructions.md (or
+#   syscalls.md).
+# Needs: valgrind (Debian package) or, for COUNT=syscalls, perf (linux-perf) and
+#   root; plus what setup.sh installs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -30,12 +35,28 @@ AG_PORT=$((PORT_BASE + 2))
 BINS=("$@")
 ((${#BINS[@]})) || BINS=("$AUTHGATE_BIN")
 
+COUNT=${COUNT:-instructions}
+[[ $COUNT == instructions || $COUNT == syscalls ]] || die "COUNT is instructions or syscalls"
 "$BENCH_DIR/setup.sh" >&2
-if ! command -v valgrind >/dev/null 2>&1; then
+# install_tool COMMAND PACKAGE
+install_tool() {
+    command -v "$1" >/dev/null 2>&1 && return 0
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
-    $SUDO apt-get install -y -qq valgrind >/dev/null 2>&1 \
-        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq valgrind; } >/dev/null 2>&1 \
-        || die "valgrind is needed (apt-get install valgrind)"
+    $SUDO apt-get install -y -qq "$2" >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$2"; } >/dev/null 2>&1 \
+        || die "$1 is needed (apt-get install $2)"
+}
+if [[ $COUNT == instructions ]]; then
+    install_tool valgrind valgrind
+else
+    install_tool perf linux-perf
+    # Every syscall, then the ones a proxy makes per request, where the kernel has them.
+    EVENTS=raw_syscalls:sys_enter
+    for s in read readv recvfrom recvmsg write writev sendto sendmsg epoll_wait epoll_pwait epoll_ctl getsockopt setsockopt clock_gettime futex; do
+        [[ -d /sys/kernel/tracing/events/syscalls/sys_enter_$s ]] && EVENTS+=",syscalls:sys_enter_$s"
+    done
+    perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1 \
+        || die "perf cannot read syscall tracepoints here (run as root, or lower kernel.perf_event_paranoid)"
 fi
 for b in "${BINS[@]}"; do [[ $b == nginx || $b == haproxy || -x $b ]] || die "no binary at $b (cargo build --release [--example hyper_floor])"; done
 for p in $UP_PORT $AG_PORT; do port_free "$p" || die "port $p is in use (set PORT_BASE)"; done
@@ -63,6 +84,26 @@ for bin in "${BINS[@]}"; do
     */hyper_floor | hyper_floor)
         cmd=("$bin" "127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api) ;;
     esac
+    if [[ $COUNT == syscalls ]]; then
+        BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" "${cmd[@]}" 2>"$RUN_DIR/proxy.log" &
+        pid=$!
+        track "$pid"
+        wait_port "$AG_PORT" "$pid" 20 || { cat "$RUN_DIR/proxy.log" >&2; die "$bin did not start"; }
+        taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "$URL" >/dev/null
+        # perf counts the proxy's processes (all their threads) for as long as
+        # the command after `--` runs: the measured wrk run and nothing else.
+        n=$(perf stat -x, -e "$EVENTS" -p "$(tree_pids "$pid" | paste -sd,)" -o "$RUN_DIR/perf.csv" \
+            -- taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "$URL" | awk '/requests in/ {print $1}')
+        stop_pid "$pid"
+        [[ -n $n && $n -gt 0 ]] || die "no measurement for $bin"
+        # "count,unit,event,...": per request, by event, zeros left out.
+        counts=$(awk -F, -v n="$n" '$1 ~ /^[0-9]+$/ && $1 / n >= 0.005 {
+            e = $3; sub(/.*sys_enter_?/, "", e); if (e == "") e = "all"
+            printf "%s %.2f; ", e, $1 / n }' "$RUN_DIR/perf.csv")
+        echo "$bin: $n requests; syscalls per request: ${counts%; }"
+        report+=("| \`$bin\` | $n | ${counts%; } |")
+        continue
+    fi
     BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" ${CALLGRIND_OPTS:-} \
         "${cmd[@]}" 2>"$RUN_DIR/valgrind.log" &
@@ -86,12 +127,20 @@ for bin in "${BINS[@]}"; do
 done
 
 {
-    echo "# Instructions per request (callgrind)"
+    if [[ $COUNT == syscalls ]]; then
+        echo "# System calls per request (perf syscall tracepoints)"
+    else
+        echo "# Instructions per request (callgrind)"
+    fi
     echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); authgate $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')"
-    echo "- wrk -t1 -c$CONNECTIONS -d${DURATION}s after a 2 s warm-up; user space only"
+    echo "- wrk -t1 -c$CONNECTIONS -d${DURATION}s after a 2 s warm-up"
     echo
-    echo "| binary | requests | instructions/request |"
-    echo "|---|---:|---:|"
+    if [[ $COUNT == syscalls ]]; then
+        echo "| binary | requests | per request (\`all\` = every syscall) |"
+    else
+        echo "| binary | requests | instructions/request (user space only) |"
+    fi
+    echo "|---|---:|---|"
     printf '%s\n' "${report[@]}"
-} >"$RESULTS_DIR/instructions.md"
+} >"$RESULTS_DIR/$COUNT.md"

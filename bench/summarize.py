@@ -5,6 +5,7 @@ nginx and HAProxy for each metric separately, so authgate is compared with the
 strongest number anyone achieved, not with one tool's average)."""
 import argparse
 import csv
+import random
 import statistics
 from collections import defaultdict
 
@@ -33,46 +34,68 @@ def ratio(v, best):
     return f"{v / best:.2f}×"
 
 
+def median_ci(vals, resamples=2000, seed=1):
+    """The median and a 95 % bootstrap interval for it (resampling the rounds;
+    seeded, so the same CSV gives the same table)."""
+    rng = random.Random(seed)
+    meds = sorted(
+        statistics.median(rng.choices(vals, k=len(vals))) for _ in range(resamples)
+    )
+    return statistics.median(vals), meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
 def paired(rows, targets):
     """On a shared VM the speed drifts between rounds by more than the gaps being
-    measured. Each round runs every target back to back, so the ratio to the best
-    peer *of the same round* cancels most of that drift; its median over the
-    rounds is the steadier comparison."""
+    measured. Each round runs every target back to back, so the ratio to a peer
+    *of the same round* cancels most of that drift; its median over the rounds is
+    the steadier comparison.
+
+    Each peer is compared separately, and the target is judged against the worse
+    of the two results. Dividing by the better peer of each round instead (as
+    this table did until 2026-11-30) is biased against the target: the larger of
+    two noisy numbers is on average above either one's typical value, so even
+    nginx scored 0.91x against "the best peer of the round" that included itself."""
     by_round = defaultdict(dict)
     for target, rs in rows.items():
         for r in rs:
             by_round[r["round"]][target] = r
+    peers = [p for p in PEERS if p in rows]
+    metrics = (("req/s", "rps"), ("CPU µs/req", "cpu_us_per_req"), ("p99", "p99_us"))
     lines = []
     for t in targets:
-        if t in PEERS or t == "direct":
-            continue
-        per = {"rps": [], "cpu": [], "p99": []}
-        for rnd in by_round.values():
-            if t not in rnd:
-                continue
-            for key, col, pick in (("rps", "rps", max), ("cpu", "cpu_us_per_req", min), ("p99", "p99_us", min)):
-                mine = num(rnd[t][col])
-                peers = [num(rnd[p][col]) for p in PEERS if p in rnd and num(rnd[p][col])]
-                if mine is not None and peers:
-                    per[key].append(mine / pick(peers))
-        if not per["rps"]:
+        if t == "direct" or not peers:
             continue
         cells = []
-        for key in ("rps", "cpu", "p99"):
-            vals = per[key]
-            cells.append(
-                f"{statistics.median(vals):.2f}× ({min(vals):.2f}–{max(vals):.2f})" if vals else "–"
-            )
-        lines.append(f"| {t} | {len(per['rps'])} | " + " | ".join(cells) + " |")
+        for _, col in metrics:
+            for p in peers:
+                if p == t:
+                    cells.append("1")
+                    continue
+                vals = [
+                    num(rnd[t][col]) / num(rnd[p][col])
+                    for rnd in by_round.values()
+                    if t in rnd and p in rnd and num(rnd[t][col]) and num(rnd[p][col])
+                ]
+                if not vals:
+                    cells.append("–")
+                    continue
+                m, lo, hi = median_ci(vals)
+                cells.append(f"{m:.2f}× [{lo:.2f}–{hi:.2f}]")
+        n = sum(1 for rnd in by_round.values() if t in rnd)
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
     if not lines:
         return []
+    head = " | ".join(f"{name} × {p}" for name, _ in metrics for p in peers)
     return [
         "",
-        "Paired ratios: in each round, the target against the best peer *of that round*; "
-        "median (and range) over the rounds. Drift of the machine between rounds cancels out.",
+        "Paired ratios: in each round, the target against each peer *of that round*; the "
+        "median over the rounds, and in brackets a 95 % bootstrap interval for that median. "
+        "Drift of the machine between rounds cancels out. A target is ahead of the best "
+        "peer when it is ahead of each peer: req/s above 1.00×, CPU and p99 below, against "
+        "both; an interval that spans 1.00× is a tie at this run's noise.",
         "",
-        "| target | rounds | req/s × | CPU µs/req × | p99 × |",
-        "|---|---:|---:|---:|---:|",
+        f"| target | rounds | {head} |",
+        "|---|---:|" + "---:|" * (len(metrics) * len(peers)),
     ] + lines
 
 
