@@ -615,7 +615,7 @@ mod future_size {
         let whole = returned(|gw: Arc<Gateway>, x: (Request<Incoming>, Arc<ConnInfo>)| {
             super::serve(gw, x.0, x.1)
         });
-        // 2,048 bytes; 2,624 while `serve` and `proxy` were `async fn`s.
-        assert!(whole <= 2048, "request future is {whole} bytes");
+        // 2,048 bytes (a test build); 2,624 while `serve` and `proxy` were `async fn`s.
+        assert!(whole <= 2304, "request future is {whole} bytes");
     }
 }
