@@ -54,7 +54,8 @@ def paired(rows, targets):
     of the two results. Dividing by the better peer of each round instead (as
     this table did until 2026-11-30) is biased against the target: the larger of
     two noisy numbers is on average above either one's typical value, so even
-    nginx scored 0.91x against "the best peer of the round" that included itself."""
+    nginx averaged 0.91x against "the best peer of the round" that included itself
+    (geometric mean over the rounds of the 2026-11-29 17:20 run)."""
     by_round = defaultdict(dict)
     for target, rs in rows.items():
         for r in rs:
