@@ -96,7 +96,7 @@ for bin in "${BINS[@]}"; do
             -- taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "$URL" | awk '/requests in/ {print $1}')
         stop_pid "$pid"
         [[ -n $n && $n -gt 0 ]] || die "no measurement for $bin"
-        # "count,unit,event,...": per request, by event, zeros left out.
+        # "count,unit,event,...": per request, by event; under 0.005 per request left out.
         counts=$(awk -F, -v n="$n" '$1 ~ /^[0-9]+$/ && $1 / n >= 0.005 {
             e = $3; sub(/.*sys_enter_?/, "", e); if (e == "") e = "all"
             printf "%s %.2f; ", e, $1 / n }' "$RUN_DIR/perf.csv")
@@ -138,9 +138,10 @@ done
     echo
     if [[ $COUNT == syscalls ]]; then
         echo "| binary | requests | per request (\`all\` = every syscall) |"
+        echo "|---|---:|---|"
     else
         echo "| binary | requests | instructions/request (user space only) |"
+        echo "|---|---:|---:|"
     fi
-    echo "|---|---:|---|"
     printf '%s\n' "${report[@]}"
 } >"$RESULTS_DIR/$COUNT.md"
