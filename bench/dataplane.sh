@@ -50,7 +50,6 @@ AG_OAUTH_PORT=$((PORT_BASE + 5))
 IDP_PORT=$((PORT_BASE + 6))
 FLOOR_PORT=$((PORT_BASE + 7))
 AG_PGO_PORT=$((PORT_BASE + 8))
-AUTHGATE_PGO_BIN=${AUTHGATE_PGO_BIN:-$REPO_DIR/target/pgo/$(rustc -vV 2>/dev/null | awk '/^host:/ {print $2}')/release/authgate}
 
 # ---------------------------------------------------------------- preflight
 "$BENCH_DIR/setup.sh" >&2
@@ -121,18 +120,17 @@ start_target() {
         PORT=$NGINX_PORT; start_nginx_proxy "$PORT" "$UP_PORT" ;;
     haproxy)
         PORT=$HAPROXY_PORT; start_haproxy "$PORT" "$UP_PORT" ;;
-    authgate-static)
+    authgate-static | authgate-pgo)
+        # The same configuration; the PGO row differs only in its binary.
+        local bin=$AUTHGATE_BIN
         PORT=$AG_STATIC_PORT
-        write_authgate_config "$RUN_DIR/ag-static.toml" "$PORT" "$UP_PORT" 1 static
-        start_authgate "$RUN_DIR/ag-static.toml" "$PORT" "$PROXY_CPU" ;;
+        [[ $1 == authgate-pgo ]] && PORT=$AG_PGO_PORT bin=$AUTHGATE_PGO_BIN
+        write_authgate_config "$RUN_DIR/$1.toml" "$PORT" "$UP_PORT" 1 static
+        AUTHGATE_BIN=$bin start_authgate "$RUN_DIR/$1.toml" "$PORT" "$PROXY_CPU" ;;
     authgate-oauth)
         PORT=$AG_OAUTH_PORT
         write_authgate_config "$RUN_DIR/ag-oauth.toml" "$PORT" "$UP_PORT" 1 client_credentials "$IDP_PORT"
         start_authgate "$RUN_DIR/ag-oauth.toml" "$PORT" "$PROXY_CPU" ;;
-    authgate-pgo)
-        PORT=$AG_PGO_PORT
-        write_authgate_config "$RUN_DIR/ag-pgo.toml" "$PORT" "$UP_PORT" 1 static
-        AUTHGATE_BIN=$AUTHGATE_PGO_BIN start_authgate "$RUN_DIR/ag-pgo.toml" "$PORT" "$PROXY_CPU" ;;
     hyper-floor)
         PORT=$FLOOR_PORT; start_hyper_floor "$PORT" "$UP_PORT" "$PROXY_CPU" ;;
     *) die "unknown target $1" ;;

@@ -37,19 +37,10 @@ BINS=("$@")
 
 COUNT=${COUNT:-instructions}
 [[ $COUNT == instructions || $COUNT == syscalls ]] || die "COUNT is instructions or syscalls"
-"$BENCH_DIR/setup.sh" >&2
-# install_tool COMMAND PACKAGE
-install_tool() {
-    command -v "$1" >/dev/null 2>&1 && return 0
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
-    $SUDO apt-get install -y -qq "$2" >/dev/null 2>&1 \
-        || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$2"; } >/dev/null 2>&1 \
-        || die "$1 is needed (apt-get install $2)"
-}
 if [[ $COUNT == instructions ]]; then
-    install_tool valgrind valgrind
+    "$BENCH_DIR/setup.sh" valgrind >&2
 else
-    install_tool perf linux-perf
+    "$BENCH_DIR/setup.sh" perf=linux-perf >&2
     # Every syscall, then the ones a proxy makes per request, where the kernel has them.
     EVENTS=raw_syscalls:sys_enter
     for s in read readv recvfrom recvmsg write writev sendto sendmsg epoll_wait epoll_pwait epoll_ctl getsockopt setsockopt clock_gettime futex; do
@@ -84,12 +75,18 @@ for bin in "${BINS[@]}"; do
     */hyper_floor | hyper_floor)
         cmd=("$bin" "127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api) ;;
     esac
+    # Under callgrind with instrumentation off until the measured run; natively
+    # when counting syscalls.
+    wrap=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" ${CALLGRIND_OPTS:-})
+    [[ $COUNT == syscalls ]] && wrap=()
+    BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        ${wrap[@]+"${wrap[@]}"} "${cmd[@]}" 2>"$RUN_DIR/proxy.log" &
+    pid=$!
+    track "$pid"
+    wait_port "$AG_PORT" "$pid" 60 || { cat "$RUN_DIR/proxy.log" >&2; die "$bin did not start"; }
+    # Warm-up: connections to the upstream made, caches filled; not counted.
+    taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "$URL" >/dev/null
     if [[ $COUNT == syscalls ]]; then
-        BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" "${cmd[@]}" 2>"$RUN_DIR/proxy.log" &
-        pid=$!
-        track "$pid"
-        wait_port "$AG_PORT" "$pid" 20 || { cat "$RUN_DIR/proxy.log" >&2; die "$bin did not start"; }
-        taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "$URL" >/dev/null
         # perf counts the proxy's processes (all their threads) for as long as
         # the command after `--` runs: the measured wrk run and nothing else.
         n=$(perf stat -x, -e "$EVENTS" -p "$(tree_pids "$pid" | paste -sd,)" -o "$RUN_DIR/perf.csv" \
@@ -104,14 +101,6 @@ for bin in "${BINS[@]}"; do
         report+=("| \`$bin\` | $n | ${counts%; } |")
         continue
     fi
-    BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
-        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" ${CALLGRIND_OPTS:-} \
-        "${cmd[@]}" 2>"$RUN_DIR/valgrind.log" &
-    pid=$!
-    track "$pid"
-    wait_port "$AG_PORT" "$pid" 60 || { cat "$RUN_DIR/valgrind.log" >&2; die "$bin did not start under valgrind"; }
-    # Warm-up: connections to the upstream made, caches filled; not counted.
-    taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d2s "$URL" >/dev/null
     callgrind_control -i on "$pid" >/dev/null 2>&1
     n=$(taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "$URL" | awk '/requests in/ {print $1}')
     callgrind_control -i off "$pid" >/dev/null 2>&1

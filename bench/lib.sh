@@ -10,6 +10,11 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 AUTHGATE_BIN=${AUTHGATE_BIN:-$REPO_DIR/target/release/authgate}
 HYPER_FLOOR_BIN=${HYPER_FLOOR_BIN:-$REPO_DIR/target/release/examples/hyper_floor}
+# bench/pgo.sh builds for the host triple explicitly (see there), so its binary
+# lives under target/pgo/<host>/.
+HOST_TRIPLE=$(rustc -vV 2>/dev/null | awk '/^host:/ {print $2}' || true)
+PGO_BUILT_BIN=$REPO_DIR/target/pgo/$HOST_TRIPLE/release/authgate
+AUTHGATE_PGO_BIN=${AUTHGATE_PGO_BIN:-$PGO_BUILT_BIN}
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 PYTHON=${PYTHON:-python3}

@@ -44,7 +44,8 @@ done
 
 # llvm-profdata must come from the same LLVM as rustc: rustup's llvm-tools.
 sysroot=$(rustc --print sysroot)
-host=$(rustc -vV | awk '/^host:/ {print $2}')
+host=$HOST_TRIPLE
+[[ -n $host ]] || die "rustc is needed (it names the host triple)"
 PROFDATA=$sysroot/lib/rustlib/$host/bin/llvm-profdata
 if [[ ! -x $PROFDATA ]]; then
     log "installing rustup component llvm-tools (for llvm-profdata)"
@@ -161,4 +162,4 @@ log "3/4 merging profiles"
 log "4/4 optimised build (target/pgo)"
 (cd "$REPO_DIR" && RUSTFLAGS="-Cprofile-use=$PGO_DIR/authgate.profdata" \
     cargo build --release --locked --bin authgate --target "$host" --target-dir target/pgo) >&2
-echo "$REPO_DIR/target/pgo/$host/release/authgate"
+echo "$PGO_BUILT_BIN"

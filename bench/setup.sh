@@ -9,6 +9,8 @@
 #   wrk 4.1.0, nginx-light 1.22.1 (falls back to nginx), haproxy 2.6.12,
 #   python3 (stdlib only), procps/util-linux (taskset, ps), curl, openssl —
 #   usually present.
+# Usage: setup.sh [COMMAND[=PACKAGE] ...]   also these tools, for the scripts that
+#   need more (instructions.sh: valgrind, or perf=linux-perf).
 set -euo pipefail
 
 need=()
@@ -21,6 +23,9 @@ have_cmd taskset || need+=(util-linux)
 have_cmd python3 || need+=(python3)
 have_cmd curl    || need+=(curl)      # probes: does a target answer 200?
 have_cmd openssl || need+=(openssl)   # pgo.sh: certificates for its TLS training
+for extra in "$@"; do
+    have_cmd "${extra%%=*}" || need+=("${extra#*=}")
+done
 
 if ((${#need[@]} == 0)); then
     echo "setup: all prerequisites present"

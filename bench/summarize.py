@@ -52,7 +52,7 @@ def paired(rows, targets):
 
     Each peer is compared separately, and the target is judged against the worse
     of the two results. Dividing by the better peer of each round instead (as
-    this table did until 2026-11-30) is biased against the target: the larger of
+    this table did until 2026-11-29) is biased against the target: the larger of
     two noisy numbers is on average above either one's typical value, so even
     nginx averaged 0.91x against "the best peer of the round" that included itself
     (geometric mean over the rounds of the 2026-11-29 17:20 run)."""
