@@ -69,11 +69,13 @@ drop_targets() {
     TARGETS=(${kept[@]+"${kept[@]}"})
 }
 
-# Drop rows, loudly, whose binary is missing and could not be built.
-if has_target 'authgate-*' && ! ensure_authgate; then
-    log "NOTE: authgate binary not found at $AUTHGATE_BIN — skipping the authgate rows."
+# Drop rows, loudly, whose binary is missing and could not be built. The
+# authgate-pgo row runs its own binary, so it does not depend on this one.
+if { has_target authgate-static || has_target authgate-oauth; } && ! ensure_authgate; then
+    log "NOTE: authgate binary not found at $AUTHGATE_BIN — skipping the authgate-static and authgate-oauth rows."
     log "      Build it (cargo build --release) or set AUTHGATE_BIN, then re-run."
-    drop_targets 'authgate-*'
+    drop_targets authgate-static
+    drop_targets authgate-oauth
 fi
 if has_target hyper-floor && ! ensure_hyper_floor; then
     log "NOTE: $HYPER_FLOOR_BIN not found — skipping the hyper-floor row."

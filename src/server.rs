@@ -113,6 +113,33 @@ fn protocols(opts: &ServerOpts) -> Protocols {
     }
 }
 
+/// The listener's drain signal. Connections ask whether it has fired on every
+/// poll, and `CancellationToken::is_cancelled` locks a mutex to answer; so the
+/// fact is kept in an atomic flag as well, set before the token fires. A
+/// connection that read `false` and registered its waker with the token is
+/// woken by the token and reads `true` then.
+#[derive(Debug, Clone, Default)]
+struct Drain {
+    token: CancellationToken,
+    fired: Arc<AtomicBool>,
+}
+
+impl Drain {
+    fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// One plain load: no lock, no read-modify-write.
+    fn has_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    fn wait(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
 /// Accepts connections until `shutdown`, then stops accepting (the socket is
 /// closed, so new connections are refused) and drains in-flight requests for up to
 /// `shutdown_grace`.
@@ -131,7 +158,7 @@ pub async fn serve<H, F>(
     let protocols = Arc::new(protocols(&opts));
     let tls = opts.tls.clone().map(TlsAcceptor::from);
     let connections = TaskTracker::new();
-    let drain = CancellationToken::new();
+    let drain = Drain::default();
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     loop {
         // Backpressure: at the connection limit we stop accepting until one closes.
@@ -213,7 +240,7 @@ pub async fn serve<H, F>(
     }
     drop(listener);
     connections.close();
-    drain.cancel();
+    drain.fire();
     tokio::select! {
         _ = connections.wait() => {}
         _ = tokio::time::sleep(opts.shutdown_grace) => {
@@ -227,11 +254,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether a plaintext caller speaks h2c (prior knowledge), judged from the first
 /// bytes without consuming them. `None`: the caller left, or sent nothing in time.
-async fn sniff_h2c(
-    stream: &TcpStream,
-    within: Duration,
-    drain: &CancellationToken,
-) -> Option<bool> {
+async fn sniff_h2c(stream: &TcpStream, within: Duration, drain: &Drain) -> Option<bool> {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; 4];
     loop {
@@ -240,7 +263,7 @@ async fn sniff_h2c(
                 Ok(Ok(n)) => n,
                 _ => return None,
             },
-            _ = drain.cancelled() => return None,
+            _ = drain.wait() => return None,
         };
         if n == 0 {
             return None;
@@ -281,7 +304,7 @@ struct Conn {
     header_timeout: Duration,
     idle_timeout: Duration,
     protocols: Arc<Protocols>,
-    drain: CancellationToken,
+    drain: Drain,
 }
 
 impl Conn {
@@ -324,7 +347,7 @@ impl Conn {
                 .http2
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = Box::pin(conn);
-            let mut draining = std::pin::pin!(self.drain.cancelled());
+            let mut draining = std::pin::pin!(self.drain.wait());
             let mut registered = None;
             let mut asked = false;
             std::future::poll_fn(|cx| {
@@ -347,17 +370,18 @@ impl Conn {
 /// Whether the drain signal has fired, at the cost of an atomic load per poll.
 /// Polling tokio's `Notified` takes the lock of its waiter list every time, and a
 /// connection's task is polled several times per request. So the signal is polled
-/// to register a waker, and after that only once the token says it has fired (its
-/// wake-up brings the task back here) or the waker is not the registered one (a
-/// task's waker does not change; this keeps it right if a wrapper's ever does).
+/// to register a waker, and after that only once `Drain`'s flag says it has fired
+/// (the token's wake-up brings the task back here) or the waker is not the
+/// registered one (a task's waker does not change; this keeps it right if a
+/// wrapper's ever does).
 fn drain_fired(
     draining: Pin<&mut WaitForCancellationFuture<'_>>,
-    drain: &CancellationToken,
+    drain: &Drain,
     registered: &mut Option<Waker>,
     cx: &mut Context<'_>,
 ) -> bool {
     let same = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-    if same && !drain.is_cancelled() {
+    if same && !drain.has_fired() {
         return false;
     }
     if !same {
@@ -376,7 +400,7 @@ async fn serve_http1<S, Svc>(
     mut io: Guarded<S>,
     mut service: Svc,
     builder: &http1::Builder,
-    drain: &CancellationToken,
+    drain: &Drain,
     info: &ConnInfo,
 ) -> Result<(), hyper::Error>
 where
@@ -389,7 +413,7 @@ where
     loop {
         // Boxed, so that a hibernating connection's task does not keep room for it.
         let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
-        let mut draining = std::pin::pin!(drain.cancelled());
+        let mut draining = std::pin::pin!(drain.wait());
         let mut registered = None;
         let mut closing = false;
         std::future::poll_fn(|cx| {
@@ -421,7 +445,7 @@ where
             }
         })
         .await?;
-        if !state.hibernate.swap(false, Ordering::Relaxed) || drain.is_cancelled() {
+        if !state.hibernate.swap(false, Ordering::Relaxed) || drain.has_fired() {
             return Ok(());
         }
         let parts = (*conn).into_parts();
@@ -434,7 +458,7 @@ where
             drop(leftover);
             let woken = tokio::select! {
                 r = std::future::poll_fn(|cx| Pin::new(&mut io).poll_wake(cx)) => r,
-                _ = drain.cancelled() => false,
+                _ = drain.wait() => false,
             };
             if !woken {
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
@@ -907,5 +931,25 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Drain;
+
+    #[tokio::test]
+    async fn the_drain_flag_is_set_by_the_time_its_waiters_wake() {
+        let drain = Drain::default();
+        let seen = drain.clone();
+        assert!(!seen.has_fired());
+        let waiter = tokio::spawn(async move {
+            seen.wait().await;
+            seen.has_fired()
+        });
+        tokio::task::yield_now().await;
+        drain.fire();
+        assert!(waiter.await.unwrap_or(false));
+        assert!(drain.has_fired());
     }
 }
