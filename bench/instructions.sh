@@ -7,6 +7,9 @@
 # switches instrumentation on only for the measured wrk run (start-up and warm-up
 # excluded), and divides. Kernel time (about two thirds of the CPU per request,
 # loopback TCP) is not counted: this is the number our own code can move.
+# It also counts locked instructions (atomic read-modify-writes: reference
+# counts, wakers, mutexes), which callgrind counts as one instruction each but
+# which cost the CPU a full memory barrier, and the proxy's threads.
 #
 # Usage: bench/instructions.sh [BIN ...]   (default: $AUTHGATE_BIN)
 #   A BIN named hyper_floor (bench/hyper_floor.rs, `cargo build --release
@@ -77,7 +80,10 @@ for bin in "${BINS[@]}"; do
     esac
     # Under callgrind with instrumentation off until the measured run; natively
     # when counting syscalls.
-    wrap=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" ${CALLGRIND_OPTS:-})
+    # --collect-bus counts locked (atomic read-modify-write) instructions: one
+    # instruction each to callgrind, but each a full barrier to the CPU.
+    wrap=(valgrind --tool=callgrind --instr-atstart=no --collect-bus=yes
+        --callgrind-out-file="$out" ${CALLGRIND_OPTS:-})
     [[ $COUNT == syscalls ]] && wrap=()
     BENCH_TOKEN=static RUST_LOG=warn taskset -c "$PROXY_CPU" \
         ${wrap[@]+"${wrap[@]}"} "${cmd[@]}" 2>"$RUN_DIR/proxy.log" &
@@ -105,13 +111,18 @@ for bin in "${BINS[@]}"; do
     n=$(taskset -c "$WRK_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "$URL" | awk '/requests in/ {print $1}')
     callgrind_control -i off "$pid" >/dev/null 2>&1
     callgrind_control -d "$pid" >/dev/null 2>&1
+    # glibc locks in malloc and around system calls only once a process has a
+    # second thread, so the count of threads goes with the locked instructions.
+    threads=$(find "/proc/$pid/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
     stop_pid "$pid"
-    ir=$(awk '/^totals:/ {print $2}' "$out".1)
+    # "events: Ir ... Ge" names the columns of "totals: ...".
+    read -r ir ge < <(awk '/^events:/ { for (i = 2; i <= NF; i++) if ($i == "Ge") g = i }
+        /^totals:/ { print $2, (g ? $g : 0) }' "$out".1)
     [[ -n $n && $n -gt 0 && -n $ir ]] || die "no measurement for $bin"
     per=$((ir / n))
-    line="$bin: $n requests, $per instructions per request"
-    echo "$line"
-    report+=("| \`$bin\` | $n | $per |")
+    locked=$(awk -v g="$ge" -v n="$n" 'BEGIN { printf "%.1f", g / n }')
+    echo "$bin: $n requests, $per instructions and $locked locked instructions per request, $threads threads"
+    report+=("| \`$bin\` | $n | $per | $locked | $threads |")
     if [[ -n ${KEEP:-} ]]; then cp "$out".1 "$RESULTS_DIR/callgrind.$(basename "$bin").out"; fi
 done
 
@@ -129,8 +140,8 @@ done
         echo "| binary | requests | per request (\`all\` = every syscall) |"
         echo "|---|---:|---|"
     else
-        echo "| binary | requests | instructions/request (user space only) |"
-        echo "|---|---:|---:|"
+        echo "| binary | requests | instructions/request (user space only) | locked instructions/request | threads |"
+        echo "|---|---:|---:|---:|---:|"
     fi
     printf '%s\n' "${report[@]}"
 } >"$RESULTS_DIR/$COUNT.md"
