@@ -78,10 +78,8 @@ for bin in "${BINS[@]}"; do
     */hyper_floor | hyper_floor)
         cmd=("$bin" "127.0.0.1:$AG_PORT" "127.0.0.1:$UP_PORT" /api) ;;
     esac
-    # Under callgrind with instrumentation off until the measured run; natively
-    # when counting syscalls.
-    # --collect-bus counts locked (atomic read-modify-write) instructions: one
-    # instruction each to callgrind, but each a full barrier to the CPU.
+    # Under callgrind with instrumentation off until the measured run (with
+    # --collect-bus for the locked instructions); natively when counting syscalls.
     wrap=(valgrind --tool=callgrind --instr-atstart=no --collect-bus=yes
         --callgrind-out-file="$out" ${CALLGRIND_OPTS:-})
     [[ $COUNT == syscalls ]] && wrap=()

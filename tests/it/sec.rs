@@ -1472,6 +1472,35 @@ async fn a_busy_keep_alive_connection_closes_after_its_answer_when_the_gateway_d
         .unwrap();
 }
 
+/// The same for an h2c caller: its connection is asked to close (GOAWAY) once its
+/// stream in flight is answered, so the drain does not wait out the grace period
+/// for a connection the caller's pool would keep open.
+#[tokio::test]
+async fn an_h2c_connection_closes_after_its_streams_when_the_gateway_drains() {
+    let (up, gw) = open_gateway("idle_timeout = \"60s\"\nshutdown_grace = \"30s\"\n").await;
+    let c = Client::h2c();
+    assert_eq!(c.get(&gw.url("/open/a")).await.status, StatusCode::OK);
+    let url = gw.url("/open/slow/300");
+    // The client stays alive, and with it its pooled connection.
+    let inflight = tokio::spawn({
+        let c = c.clone();
+        async move { c.get(&url).await }
+    });
+    crate::support::until("the upstream has the slow request", || {
+        let n = up.count();
+        async move { n >= 2 }
+    })
+    .await;
+    let stopping = tokio::spawn(gw.stop());
+    let r = inflight.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("the drain finished without the grace period")
+        .unwrap();
+    drop(c);
+}
+
 #[tokio::test]
 async fn a_slow_reader_gets_its_whole_response_across_idle_time() {
     let _ = crate::support::captured_logs();
