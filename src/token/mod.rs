@@ -104,11 +104,10 @@ impl Trigger {
 /// Why the stored token is being read: what it must be to be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Adopt {
-    /// First token at start-up: anything valid beyond the refresh margin.
-    Startup,
-    /// Under the fleet lease, instead of asking the IdP: must supersede ours and
-    /// be valid beyond the refresh margin.
-    Leased,
+    /// As the result of a refresh, instead of asking the IdP (start-up, or under
+    /// the fleet lease): must be of a generation above `above` (the one held when
+    /// the refresh was asked for) and valid beyond the refresh margin.
+    Refresh { above: Option<u64> },
     /// Another replica's refresh: must supersede ours and be valid.
     Notified,
 }
@@ -193,8 +192,6 @@ struct State {
     last: Option<LastRefresh>,
     /// `refresh_token` grant: the newest refresh token (rotations replace it).
     refresh_token: Option<Secret>,
-    /// Whether the store was consulted (start-up) yet.
-    store_checked: bool,
     /// Highest generation seen anywhere (store, fleet), so new ones only grow.
     max_generation: u64,
 }
@@ -556,29 +553,47 @@ impl Provider {
                 ("ok", None)
             }
             Err(e) => {
-                st.failures = st.failures.saturating_add(1);
                 self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
-                let delay = match e.retry() {
-                    Retry::Transient(after) => after.unwrap_or_else(|| backoff(st.failures, 1, 60)),
-                    Retry::Slow => backoff(st.failures, 30, 600),
-                    Retry::Never => {
-                        st.reauth_required = true;
-                        Duration::from_secs(3600)
+                let retry = e.retry();
+                let delay = match retry {
+                    Retry::Transient(after) => {
+                        Some(after.unwrap_or_else(|| backoff(st.failures + 1, 1, 60)))
                     }
+                    Retry::Slow => Some(backoff(st.failures + 1, 30, 600)),
+                    Retry::Never => Some(Duration::from_secs(3600)),
+                    // The IdP works and the token it holds is still ours: no backoff.
+                    Retry::Unneeded => None,
                 };
-                st.retry_at = Some(now + delay);
-                match e.retry() {
+                match delay {
+                    Some(delay) => {
+                        st.failures = st.failures.saturating_add(1);
+                        st.retry_at = Some(now + delay);
+                    }
+                    None => {
+                        st.failures = 0;
+                        st.retry_at = None;
+                    }
+                }
+                let retry_in_s = delay.map(|d| d.as_secs());
+                match retry {
                     Retry::Transient(_) => {
                         tracing::warn!(provider = %self.name, trigger = trigger.as_str(),
-                        error = %e, retry_in_s = delay.as_secs(), "token request failed")
+                        error = %e, retry_in_s, "token request failed")
                     }
                     Retry::Slow => {
                         tracing::error!(provider = %self.name, trigger = trigger.as_str(),
-                        error = %e, retry_in_s = delay.as_secs(),
+                        error = %e, retry_in_s,
                         "token endpoint rejected the client; check the provider's credentials")
                     }
-                    Retry::Never => tracing::error!(provider = %self.name, error = %e,
-                        "refresh token rejected: reauthorization required"),
+                    Retry::Never => {
+                        st.reauth_required = true;
+                        tracing::error!(provider = %self.name, error = %e,
+                            "refresh token rejected: reauthorization required")
+                    }
+                    Retry::Unneeded => {
+                        tracing::warn!(provider = %self.name, trigger = trigger.as_str(),
+                        error = %e, "not replaying")
+                    }
                 }
                 ("error", Some(e.code()))
             }
@@ -611,10 +626,20 @@ impl Provider {
         self.wake.notify_one();
     }
 
-    /// Gets a new token: from the store when it holds a usable one (start-up, or
-    /// another replica's refresh in fleet mode), else from the IdP.
-    /// `held`: the token in the cell when this refresh was asked for.
+    /// Gets a new token for a refresh asked for while `held` was in the cell (none
+    /// at start-up): from the cell or the store when another replica's refresh got
+    /// there first (fleet mode), or from a stored token at start-up, else from the
+    /// IdP.
+    ///
+    /// The refresh's invariant: its result is a token of a generation above
+    /// `held`'s, or an error. Adopting from the cell or the store only ever takes a
+    /// higher generation, so a refresh can never "succeed" with the token it was
+    /// asked to replace. The IdP alone may answer with the very token held (it
+    /// caches tokens): that renews an expiring token, but a refresh asked for
+    /// because the upstream rejected that token ends with `TokenError::Unchanged`,
+    /// and no caller is replayed with the rejected token.
     async fn obtain(self: &Arc<Self>, trigger: Trigger, held: Option<Arc<Token>>) -> Outcome {
+        let above = held.as_ref().map(|t| t.generation);
         // Fleet mode: one refresh across all replicas. A store that cannot lock
         // (database down) must not stop us: refresh locally, degraded.
         let lease = match tokio::time::timeout(
@@ -636,38 +661,48 @@ impl Provider {
         };
         // While we waited for the lease, another replica's token may have reached
         // the cell by notification: the refresh we were asked for has happened.
-        if let Some(t) = self.newer_than(held.as_ref()) {
+        if let Some(t) = self.newer_than(above) {
             return Ok(t);
         }
-        let first = !std::mem::replace(&mut self.state().store_checked, true);
-        if first || lease.is_some() {
-            let why = if first { Adopt::Startup } else { Adopt::Leased };
-            if let Some(t) = self.adopt_stored(why).await {
+        // The store is worth a read when we hold nothing yet (a restart keeps its
+        // token) and under the fleet lease (the last holder saved its token before
+        // letting go of it).
+        if above.is_none() || lease.is_some() {
+            if let Some(t) = self.adopt_stored(Adopt::Refresh { above }).await {
                 return Ok(t);
             }
             // A notification may have adopted the same stored token just before
-            // our read: then it did not supersede ours, yet the refresh is done.
-            if let Some(t) = self.newer_than(held.as_ref()) {
+            // our read: then it did not supersede the cell, yet it is our result.
+            if let Some(t) = self.newer_than(above) {
                 return Ok(t);
             }
         }
         tracing::debug!(provider = %self.name, trigger = trigger.as_str(), leased = lease.is_some(),
-            held = held.as_ref().map(|t| t.generation), current = self.current().map(|t| t.generation),
+            held = above, current = self.current().map(|t| t.generation),
             "asking the IdP for a token");
         // Holding the fleet lease, the new token must be in the store before the
         // lease goes: the next replica to take it re-reads the store and would
         // otherwise ask the IdP again.
         let result = self.fetch(lease.is_some()).await;
         drop(lease);
-        result
+        match result {
+            Ok(t)
+                if trigger == Trigger::Unauthorized && above.is_some_and(|g| t.generation <= g) =>
+            {
+                Err(TokenError::Unchanged)
+            }
+            other => other,
+        }
     }
 
-    /// Publishes the stored token when it supersedes ours: a newer generation, or the
-    /// same generation with another token (two replicas that refreshed while the
-    /// database was down converge on the stored row). Also takes the stored refresh
-    /// token (the newest one always wins over the configured seed).
+    /// Publishes the stored token when it is what `why` asks for and supersedes the
+    /// cell: a newer generation, or the same generation with another token (two
+    /// replicas that refreshed while the database was down converge on the stored
+    /// row). Also takes the stored refresh token (the newest one always wins over
+    /// the configured seed).
     async fn adopt_stored(self: &Arc<Self>, why: Adopt) -> Option<Arc<Token>> {
-        let stored = self.load_stored(why == Adopt::Startup).await?;
+        let startup = why == Adopt::Refresh { above: None };
+        let stored = self.load_stored(startup).await?;
         {
             let mut st = self.state();
             st.max_generation = st.max_generation.max(stored.generation);
@@ -680,13 +715,16 @@ impl Provider {
                 st.refresh_token = Some(rt.clone());
             }
         }
-        let supersedes = |held: Option<&Token>| match held {
-            None => true,
-            Some(c) => {
-                stored.generation > c.generation
-                    || (stored.generation == c.generation
-                        && (stored.access_token != c.access_token || why == Adopt::Startup))
+        if let Adopt::Refresh { above: Some(g) } = why {
+            if stored.generation <= g {
+                return None;
             }
+        }
+        let supersedes = |held: Option<&Token>| {
+            held.is_none_or(|c| {
+                stored.generation > c.generation
+                    || (stored.generation == c.generation && stored.access_token != c.access_token)
+            })
         };
         if !supersedes(self.current().as_deref()) {
             return None;
@@ -700,9 +738,9 @@ impl Provider {
         let lifetime = stored
             .expires_at_unix
             .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
-        // Instead of a fetch (start-up, or under the fleet lease), a token about to
-        // need refreshing is not worth taking: fetch now. A notified token is taken
-        // whenever it is still valid: ours is older and may already be revoked.
+        // Instead of a fetch, a token about to need refreshing is not worth taking:
+        // fetch now. A notified token is taken whenever it is still valid: ours is
+        // older and may already be revoked.
         if why != Adopt::Notified {
             if let (Some(rem), Some(life)) = (remaining, lifetime) {
                 if rem <= self.margin(life) {
@@ -731,11 +769,11 @@ impl Provider {
         Some(token)
     }
 
-    /// The current token if it replaced `held` and is valid beyond the refresh
-    /// margin.
-    fn newer_than(&self, held: Option<&Arc<Token>>) -> Option<Arc<Token>> {
+    /// The current token if its generation is above `above` (any, when `None`) and
+    /// it is valid beyond the refresh margin.
+    fn newer_than(&self, above: Option<u64>) -> Option<Arc<Token>> {
         let current = self.current()?;
-        if held.is_some_and(|h| Arc::ptr_eq(h, &current)) {
+        if above.is_some_and(|g| current.generation <= g) {
             return None;
         }
         let now = Instant::now();

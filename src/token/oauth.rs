@@ -50,6 +50,8 @@ pub enum TokenError {
     ReauthRequired,
     #[error("gave up waiting for the token request")]
     Abandoned,
+    #[error("the token endpoint returned the token the upstream had just rejected")]
+    Unchanged,
 }
 
 /// How the refresher should react to an error.
@@ -61,6 +63,10 @@ pub enum Retry {
     Slow,
     /// Only a person can fix it (invalid_grant on a refresh token).
     Never,
+    /// The IdP answered, with the token we hold: asking again sooner would get the
+    /// same answer, so the refresh schedule stays as it is (401-driven refreshes
+    /// are spaced by `min_refresh_interval`).
+    Unneeded,
 }
 
 impl TokenError {
@@ -76,6 +82,7 @@ impl TokenError {
                 Retry::Transient(*retry_after)
             }
             TokenError::ReauthRequired => Retry::Never,
+            TokenError::Unchanged => Retry::Unneeded,
             // The status says "later" whatever the body calls it (a 429 may carry
             // `slow_down`, a 503 `temporarily_unavailable`): back off as told.
             TokenError::OAuth {
@@ -107,6 +114,7 @@ impl TokenError {
             TokenError::ClientSetup(_) => "client_setup".into(),
             TokenError::ReauthRequired => "invalid_grant".into(),
             TokenError::Abandoned => "abandoned".into(),
+            TokenError::Unchanged => "token_unchanged".into(),
         }
     }
 }

@@ -70,6 +70,50 @@ poll_interval = "500ms"
         )
     }
 
+    /// A fleet config whose provider uses rotating refresh tokens (the mock IdP's
+    /// `rt-0` seeds the first). `min_refresh_interval = "0s"`: how soon after its
+    /// start-up a replica may refresh on a 401 is not what these tests check.
+    fn rotating_config(&self, idp: &MockIdp, up: &MockUpstream, url_env: &str) -> String {
+        self.config(idp, up, url_env)
+            .replace(
+                r#"grant = "client_credentials""#,
+                "grant = \"refresh_token\"\nrefresh_token_env = \"FLEET_REFRESH_TOKEN\"",
+            )
+            .replace(
+                r#"min_refresh_interval = "10ms""#,
+                r#"min_refresh_interval = "0s""#,
+            )
+    }
+
+    /// Takes the fleet's refresh lock for `crm` on a session of the test's own,
+    /// as a replica refreshing at the IdP would hold it; dropping the returned
+    /// client ends the session and releases it.
+    async fn hold_refresh_lock(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .execute(
+                "SELECT pg_advisory_lock(hashtext($1))",
+                &[&format!("{}:crm", self.prefix)],
+            )
+            .await
+            .unwrap();
+        client
+    }
+
+    /// Announces a change of `crm`'s row, as a replica's save does.
+    async fn notify(&self) {
+        self.admin
+            .execute(
+                "SELECT pg_notify($1, 'crm')",
+                &[&format!("{}_tokens", self.prefix)],
+            )
+            .await
+            .unwrap();
+    }
+
     /// The stored generation of `crm`, if a row exists.
     async fn stored_generation(&self) -> Option<i64> {
         let sql = format!(
@@ -140,6 +184,7 @@ impl Drop for Db {
 
 fn setup_env() {
     std::env::set_var("FLEET_CLIENT_SECRET", "fleet-secret");
+    std::env::set_var("FLEET_REFRESH_TOKEN", "rt-0");
 }
 
 fn generation(gw: &TestGateway) -> Option<u64> {
@@ -409,4 +454,74 @@ async fn replica_cut_from_the_database_keeps_serving_and_converges() {
 
     c.stop().await;
     a.stop().await;
+}
+
+/// A replica whose tokens only ever came by notification (its start-up refresh
+/// found the fleet's token in its cell after waiting for the fleet lock) must, on
+/// a 401 for the current generation, refresh at the IdP and replay: taking the
+/// stored row of the rejected generation back as the "new" token would hand the
+/// caller the 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_fed_only_by_notifications_refreshes_after_a_401() {
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = db.rotating_config(&idp, &up, DB_ENV);
+    let client = Client::new();
+
+    let a = TestGateway::start(&toml).await;
+    a.ready().await;
+    let g = generation(&a).unwrap();
+    let b = start_after_row(&db, &toml, g).await;
+
+    // C starts while the fleet lock is held: its start-up refresh waits for the
+    // lease, and meanwhile a notification hands it the fleet's token.
+    let lock = db.hold_refresh_lock().await;
+    let c = TestGateway::start(&toml).await;
+    until("C holds the fleet token by notification", || async {
+        db.notify().await;
+        generation(&c) == Some(g)
+    })
+    .await;
+    assert!(
+        c.provider("crm").status().refreshing,
+        "C's start-up refresh waits for the lease"
+    );
+    drop(lock);
+    until("C's start-up refresh ended", || async {
+        !c.provider("crm").status().refreshing
+    })
+    .await;
+    assert_eq!(
+        idp.requests(),
+        1,
+        "one token request for the whole fleet so far"
+    );
+
+    // A, then B, each refresh after a revocation; the others hear of each by
+    // notification (awaited, so the next revocation hits the token they hold).
+    for gw in [&a, &b] {
+        idp.revoke_all();
+        let r = client.get(&gw.url("/crm/x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let g = generation(gw).unwrap();
+        until("every replica adopted the new token", || async {
+            [&a, &b, &c].iter().all(|r| generation(r) == Some(g))
+        })
+        .await;
+    }
+
+    let before = idp.requests();
+    let g = generation(&c).unwrap();
+    idp.revoke_all();
+    let r = client.get(&c.url("/crm/x")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(idp.requests() - before, 1, "one refresh at the IdP");
+    assert!(generation(&c).unwrap() > g);
+    assert_eq!(idp.refresh_token_reuses(), 0);
+
+    for gw in [a, b, c] {
+        gw.stop().await;
+    }
 }

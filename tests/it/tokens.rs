@@ -192,6 +192,14 @@ async fn an_identical_token_is_not_replayed_with() {
         "but not replayed: the IdP returned the same token"
     );
     assert_eq!(gw.provider("crm").current().unwrap().generation, g);
+    // The refresh did not get past the rejected token: it says so, without backoff.
+    let status = gw.provider("crm").status();
+    let last = status.last_refresh.unwrap();
+    assert_eq!(
+        (last.outcome, last.error.as_deref()),
+        ("error", Some("token_unchanged"))
+    );
+    assert_eq!(status.retry_in_s, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,13 @@ pub struct IdpState {
     /// Rotate refresh tokens: each refresh returns a new one, the old one dies.
     pub rotate: bool,
     refresh_tokens: Mutex<HashSet<String>>,
+    /// Rotated-out refresh tokens. Presenting one again is a reuse: like real
+    /// rotating IdPs (RFC 9700 §4.14.2), the whole family is revoked then.
+    spent_refresh_tokens: Mutex<HashSet<String>>,
+    pub refresh_token_reuses: AtomicU64,
+    /// Token requests being answered now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
     /// The token every response carries, if set (to test "same token again").
     pub fixed_token: Mutex<Option<String>>,
     /// Revoke older tokens whenever a new one is issued.
@@ -80,6 +87,10 @@ impl MockIdp {
             retry_after: Mutex::new(None),
             rotate,
             refresh_tokens: Mutex::new(HashSet::from(["rt-0".to_owned()])),
+            spent_refresh_tokens: Mutex::new(HashSet::new()),
+            refresh_token_reuses: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             fixed_token: Mutex::new(None),
             revoke_on_issue: Mutex::new(false),
             seen: Mutex::new(Vec::new()),
@@ -144,6 +155,21 @@ impl MockIdp {
             .collect()
     }
 
+    /// Spent refresh tokens presented again (each revoked the whole family).
+    pub fn refresh_token_reuses(&self) -> u64 {
+        self.state.refresh_token_reuses.load(Ordering::SeqCst)
+    }
+
+    /// The most token requests this IdP was ever answering at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the high-water mark of concurrent token requests.
+    pub fn reset_max_in_flight(&self) {
+        self.state.max_in_flight.store(0, Ordering::SeqCst);
+    }
+
     pub fn set_refresh_tokens(&self, tokens: &[&str]) {
         *self.state.refresh_tokens.lock().unwrap() = tokens.iter().map(|s| s.to_string()).collect();
     }
@@ -159,6 +185,22 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<TestBody> {
 
 async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Response<TestBody> {
     st.requests.fetch_add(1, Ordering::SeqCst);
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Counted down also when the client goes away mid-answer.
+    let _answering = InFlight(&st.in_flight);
+    answer(&st, req).await
+}
+
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn answer(st: &IdpState, req: Request<hyper::body::Incoming>) -> Response<TestBody> {
     let authorization = req
         .headers()
         .get("authorization")
@@ -228,6 +270,11 @@ async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Respo
     if seen.get("grant_type") == Some("refresh_token") {
         let presented = seen.get("refresh_token").unwrap_or_default().to_owned();
         let mut rts = st.refresh_tokens.lock().unwrap();
+        let mut spent = st.spent_refresh_tokens.lock().unwrap();
+        if spent.contains(&presented) {
+            st.refresh_token_reuses.fetch_add(1, Ordering::SeqCst);
+            spent.extend(rts.drain());
+        }
         if !rts.contains(&presented) {
             return json(
                 StatusCode::BAD_REQUEST,
@@ -236,6 +283,7 @@ async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Respo
         }
         if st.rotate {
             rts.remove(&presented);
+            spent.insert(presented.clone());
             let n = format!("rt-{}", st.issued.load(Ordering::SeqCst) + 1);
             rts.insert(n.clone());
             new_refresh = Some(n);
