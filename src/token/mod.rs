@@ -166,6 +166,14 @@ impl StoreHandle {
 
 type Outcome = Result<Arc<Token>, TokenError>;
 
+/// The refresh in flight: where its outcome will be published, and the generation
+/// held when it was asked for (its result is above that generation, or an error).
+#[derive(Debug)]
+struct Flight {
+    outcome: watch::Receiver<Option<Outcome>>,
+    above: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LastRefresh {
     pub trigger: Trigger,
@@ -183,7 +191,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 /// token is missing or expired — never by a request holding a valid token.
 #[derive(Debug, Default)]
 struct State {
-    flight: Option<watch::Receiver<Option<Outcome>>>,
+    flight: Option<Flight>,
     last_start: Option<Instant>,
     /// Set after a failure: the next attempt is not before this.
     retry_at: Option<Instant>,
@@ -363,7 +371,7 @@ impl Provider {
                 return Err(self.unavailable(&st));
             }
             match &st.flight {
-                Some(rx) => rx.clone(),
+                Some(f) => f.outcome.clone(),
                 None if st.retry_at.is_some() => return Err(self.unavailable(&st)),
                 None => self.launch(&mut st, self.background_trigger()),
             }
@@ -421,33 +429,45 @@ impl Provider {
         if let Some(c) = self.cell.load().as_deref().and_then(newer) {
             return Some(c);
         }
-        let rx = {
-            let mut st = self.state();
-            // Re-check under the lock: a refresh may have landed since.
-            if let Some(c) = self.cell.load().as_deref().and_then(newer) {
-                return Some(c);
-            }
-            match &st.flight {
-                Some(rx) => rx.clone(),
-                None => {
-                    if st.reauth_required {
-                        return None;
-                    }
-                    let recent = st
-                        .last_start
-                        .is_some_and(|t| t.elapsed() < self.refresh_spacing());
-                    if recent {
-                        return None;
-                    }
-                    tracing::debug!(provider = %self.name, sent, "refresh after a 401");
-                    self.launch(&mut st, Trigger::Unauthorized)
+        let deadline = Instant::now() + wait;
+        let mut waiting = false;
+        loop {
+            let (rx, covers) = {
+                let mut st = self.state();
+                // Re-check under the lock: a refresh may have landed since.
+                if let Some(c) = self.cell.load().as_deref().and_then(newer) {
+                    return Some(c);
                 }
+                match &st.flight {
+                    // A refresh asked for while an older generation was held (the
+                    // start-up fetch, say) may end with the very generation rejected
+                    // here: wait for it, then ask for one of our own.
+                    Some(f) => (f.outcome.clone(), f.above.is_some_and(|g| g >= sent)),
+                    None => {
+                        if st.reauth_required {
+                            return None;
+                        }
+                        let recent = st
+                            .last_start
+                            .is_some_and(|t| t.elapsed() < self.refresh_spacing());
+                        if recent {
+                            return None;
+                        }
+                        tracing::debug!(provider = %self.name, sent, "refresh after a 401");
+                        (self.launch(&mut st, Trigger::Unauthorized), true)
+                    }
+                }
+            };
+            if !std::mem::replace(&mut waiting, true) {
+                self.metrics.waiter();
             }
-        };
-        self.metrics.waiter();
-        match wait_outcome(rx, wait).await {
-            Ok(t) => newer(&t),
-            Err(_) => None,
+            let left = deadline.saturating_duration_since(Instant::now());
+            match wait_outcome(rx, left).await {
+                Ok(t) if newer(&t).is_some() => return newer(&t),
+                Err(TokenError::Abandoned) => return None,
+                _ if covers => return None,
+                _ => {}
+            }
         }
     }
 
@@ -494,7 +514,7 @@ impl Provider {
         let rx = {
             let mut st = self.state();
             match &st.flight {
-                Some(rx) => rx.clone(),
+                Some(f) => f.outcome.clone(),
                 None => self.launch(&mut st, trigger),
             }
         };
@@ -518,10 +538,13 @@ impl Provider {
         trigger: Trigger,
     ) -> watch::Receiver<Option<Outcome>> {
         let (tx, rx) = watch::channel(None);
-        st.flight = Some(rx.clone());
+        let held = self.current();
+        st.flight = Some(Flight {
+            outcome: rx.clone(),
+            above: held.as_ref().map(|t| t.generation),
+        });
         st.last_start = Some(Instant::now());
         let this = self.clone();
-        let held = self.current();
         tokio::spawn(async move {
             let mut guard = FlightGuard(Some(this.clone()));
             let started = Instant::now();
@@ -1092,7 +1115,7 @@ impl Provider {
                     continue;
                 }
                 match &st.flight {
-                    Some(rx) => rx.clone(),
+                    Some(f) => f.outcome.clone(),
                     None => self.launch(&mut st, self.background_trigger()),
                 }
             };

@@ -305,6 +305,36 @@ async fn late_replica_adopts_the_stored_token_without_asking_the_idp() {
     a.stop().await;
 }
 
+impl Db {
+    /// A relay in front of the test's PostgreSQL, and the name of an environment
+    /// variable holding a database URL through it whose sessions carry
+    /// `application_name` (so the test can find and end them).
+    async fn relayed(&self, app_name: &str) -> (Arc<Relay>, String) {
+        let pg = tokio_postgres::Config::from_str(&self.url).unwrap();
+        let host = match &pg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("{DB_ENV} must name a TCP host"),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let target = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let relay = Relay::start(target).await;
+        let mut url = self
+            .url
+            .replacen(&format!("{host}:{port}"), &relay.addr.to_string(), 1);
+        assert_ne!(url, self.url, "{DB_ENV} should spell host:port");
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("application_name={app_name}"));
+        let env = format!("FLEET_URL_{}", app_name.to_uppercase());
+        std::env::set_var(&env, &url);
+        (relay, env)
+    }
+}
+
 /// A TCP relay in front of PostgreSQL that the test can cut: while down, it closes
 /// every relayed connection and refuses new ones, like a network partition.
 struct Relay {
@@ -362,28 +392,8 @@ async fn replica_cut_from_the_database_keeps_serving_and_converges() {
     let up = MockUpstream::with_idp(&idp).await;
 
     // Replica C reaches PostgreSQL through a relay, under its own application_name.
-    let pg = tokio_postgres::Config::from_str(&db.url).unwrap();
-    let host = match &pg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        #[allow(unreachable_patterns)]
-        _ => panic!("{DB_ENV} must name a TCP host"),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let target = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let relay = Relay::start(target).await;
     let app_name = format!("fleet_{}_c", db.prefix);
-    let mut c_url = db
-        .url
-        .replacen(&format!("{host}:{port}"), &relay.addr.to_string(), 1);
-    assert_ne!(c_url, db.url, "{DB_ENV} should spell host:port");
-    c_url.push(if c_url.contains('?') { '&' } else { '?' });
-    c_url.push_str(&format!("application_name={app_name}"));
-    let c_env = format!("FLEET_URL_{}", db.prefix.to_uppercase());
-    std::env::set_var(&c_env, &c_url);
+    let (relay, c_env) = db.relayed(&app_name).await;
 
     let a = TestGateway::start(&db.config(&idp, &up, DB_ENV)).await;
     a.ready().await;
@@ -456,6 +466,68 @@ async fn replica_cut_from_the_database_keeps_serving_and_converges() {
     a.stop().await;
 }
 
+/// Starts a replica while the test holds the fleet lock: its start-up refresh
+/// waits for the lease, and meanwhile a notification hands it the fleet's token
+/// (generation `g`). Dropping the returned client lets the start-up refresh end.
+async fn start_fed_by_notification(
+    db: &Db,
+    toml: &str,
+    g: u64,
+) -> (TestGateway, tokio_postgres::Client) {
+    let lock = db.hold_refresh_lock().await;
+    let c = TestGateway::start(toml).await;
+    until(
+        "the replica holds the fleet token by notification",
+        || async {
+            db.notify().await;
+            generation(&c) == Some(g)
+        },
+    )
+    .await;
+    assert!(
+        c.provider("crm").status().refreshing,
+        "its start-up refresh waits for the lease"
+    );
+    (c, lock)
+}
+
+/// A 401 for the current generation that arrives while a refresh asked for with an
+/// older one is in flight (here the start-up fetch of a replica that got the fleet's
+/// token by notification meanwhile) cannot take that refresh's result, which may be
+/// the rejected generation: it waits for it, then gets a refresh of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_during_an_older_refresh_gets_a_refresh_of_its_own() {
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = db.rotating_config(&idp, &up, DB_ENV);
+
+    let a = TestGateway::start(&toml).await;
+    a.ready().await;
+    let g = generation(&a).unwrap();
+    let (c, lock) = start_fed_by_notification(&db, &toml, g).await;
+    idp.revoke_all();
+    let request = tokio::spawn({
+        let url = c.url("/crm/x");
+        async move { Client::new().get(&url).await }
+    });
+    until("the 401 waits on the start-up refresh", || async {
+        up.unauthorized() == 1
+    })
+    .await;
+    drop(lock);
+    let r = request.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(idp.requests(), 2, "the start-up token and one refresh");
+    assert!(generation(&c).unwrap() > g);
+    assert_eq!(idp.refresh_token_reuses(), 0);
+
+    for gw in [a, c] {
+        gw.stop().await;
+    }
+}
+
 /// A replica whose tokens only ever came by notification (its start-up refresh
 /// found the fleet's token in its cell after waiting for the fleet lock) must, on
 /// a 401 for the current generation, refresh at the IdP and replay: taking the
@@ -475,19 +547,7 @@ async fn a_replica_fed_only_by_notifications_refreshes_after_a_401() {
     let g = generation(&a).unwrap();
     let b = start_after_row(&db, &toml, g).await;
 
-    // C starts while the fleet lock is held: its start-up refresh waits for the
-    // lease, and meanwhile a notification hands it the fleet's token.
-    let lock = db.hold_refresh_lock().await;
-    let c = TestGateway::start(&toml).await;
-    until("C holds the fleet token by notification", || async {
-        db.notify().await;
-        generation(&c) == Some(g)
-    })
-    .await;
-    assert!(
-        c.provider("crm").status().refreshing,
-        "C's start-up refresh waits for the lease"
-    );
+    let (c, lock) = start_fed_by_notification(&db, &toml, g).await;
     drop(lock);
     until("C's start-up refresh ended", || async {
         !c.provider("crm").status().refreshing
@@ -523,5 +583,187 @@ async fn a_replica_fed_only_by_notifications_refreshes_after_a_401() {
 
     for gw in [a, b, c] {
         gw.stop().await;
+    }
+}
+
+/// The fleet's invariants under a seeded random schedule: 3-4 replicas, rotating
+/// refresh tokens (the mock IdP revokes the whole family when a spent one is
+/// presented again), revocations, requests spread over all replicas (bursts are
+/// concurrent), replica restarts and short database outages. After every step:
+/// every request answered 200; no refresh token used twice; stored generations
+/// strictly increasing; at most one token request in flight fleet-wide while the
+/// database is up; after each revocation exactly one token request while it is up;
+/// and the fleet converged on the stored token.
+///
+/// `AUTHGATE_FLEET_SEED` replays a schedule (`.ci/run` sets a fresh one and prints
+/// it); without it a random seed is drawn. The seed is printed first, so a failure
+/// shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_invariants_hold_under_a_random_schedule() {
+    use rand::{Rng, SeedableRng};
+
+    let Some(db) = Db::new().await else { return };
+    setup_env();
+    let seed = match std::env::var("AUTHGATE_FLEET_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse::<u64>()
+            .expect("AUTHGATE_FLEET_SEED: a number"),
+        Err(_) => rand::random(),
+    };
+    println!("fleet schedule seed: {seed} (replay: AUTHGATE_FLEET_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let (relay, url_env) = db.relayed(&format!("fleet_{}", db.prefix)).await;
+    let toml = db.rotating_config(&idp, &up, &url_env);
+    let mut replicas = Vec::new();
+    let first = TestGateway::start(&toml).await;
+    first.ready().await;
+    let g = generation(&first).unwrap();
+    replicas.push(first);
+    for _ in 1..rng.random_range(3..=4) {
+        replicas.push(start_after_row(&db, &toml, g).await);
+    }
+    let client = Client::new();
+    let mut stored = db.stored_generation().await.unwrap();
+    let steps = 30;
+    for step in 0..steps {
+        let kind = rng.random_range(0..10);
+        let issued_before = idp.requests();
+        idp.reset_max_in_flight();
+        let ctx = format!("seed {seed}, step {step}");
+        println!("step {step}: kind {kind}, store generation {stored}");
+        let mut database_up = true;
+        match kind {
+            // A revocation, then a burst across all replicas.
+            0..=3 => {
+                idp.revoke_all();
+                let n = rng.random_range(5..40);
+                burst(&client, &replicas, n, &mut rng, &ctx).await;
+                assert_eq!(
+                    idp.requests() - issued_before,
+                    1,
+                    "{ctx}: one token request after a revocation"
+                );
+            }
+            // A restart: the new process adopts the stored token. Half the time a
+            // revocation hits the others while it starts, so its start-up may wait
+            // on the fleet lease of their refresh and get the token by notification.
+            4 => {
+                let i = rng.random_range(0..replicas.len());
+                replicas.remove(i).stop().await;
+                let revoke = rng.random_bool(0.5);
+                if revoke {
+                    // A slow IdP keeps the lease held while the new replica starts.
+                    idp.set_delay(Duration::from_millis(rng.random_range(0..200)));
+                    idp.revoke_all();
+                }
+                let n = rng.random_range(1..20);
+                let (gw, ()) = tokio::join!(TestGateway::start(&toml), async {
+                    if revoke {
+                        burst(&client, &replicas, n, &mut rng, &ctx).await;
+                    }
+                });
+                gw.ready().await;
+                idp.set_delay(Duration::ZERO);
+                replicas.insert(i, gw);
+                burst(&client, &replicas, n, &mut rng, &ctx).await;
+                let expected = u64::from(revoke);
+                assert_eq!(
+                    idp.requests() - issued_before,
+                    expected,
+                    "{ctx}: token requests"
+                );
+            }
+            // A short database outage: serving goes on from memory; sometimes a
+            // revocation meanwhile, answered by one replica refreshing on its own.
+            5 => {
+                database_up = false;
+                relay.down();
+                let n = rng.random_range(1..20);
+                burst(&client, &replicas, n, &mut rng, &ctx).await;
+                if rng.random_bool(0.5) {
+                    idp.revoke_all();
+                    let one = rng.random_range(0..replicas.len());
+                    let r = client.get(&replicas[one].url("/crm/outage")).await;
+                    assert_eq!(r.status, StatusCode::OK, "{ctx}: {}", r.text());
+                }
+                relay.up();
+                for gw in &replicas {
+                    let store = gw.app().gateway.store.clone();
+                    until("the store reachable again", || async {
+                        !store.is_failing()
+                    })
+                    .await;
+                }
+            }
+            // Plain traffic.
+            _ => {
+                let n = rng.random_range(1..40);
+                burst(&client, &replicas, n, &mut rng, &ctx).await;
+                assert_eq!(
+                    idp.requests(),
+                    issued_before,
+                    "{ctx}: traffic asked the IdP"
+                );
+            }
+        }
+        assert_eq!(
+            idp.refresh_token_reuses(),
+            0,
+            "{ctx}: a refresh token was used twice"
+        );
+        if database_up {
+            assert!(idp.max_in_flight() <= 1, "{ctx}: concurrent token requests");
+        }
+        // The fleet converges on one stored token, of a higher generation whenever
+        // the IdP issued one.
+        let issued = idp.requests() > issued_before;
+        until("the fleet converged on the stored token", || async {
+            let now = db.stored_generation().await.unwrap();
+            now >= stored
+                && (now > stored || !issued)
+                && replicas.iter().all(|gw| {
+                    generation(gw) == Some(now as u64) && token_of(gw) == token_of(&replicas[0])
+                })
+        })
+        .await;
+        let now = db.stored_generation().await.unwrap();
+        assert!(now >= stored, "{ctx}: the stored generation went back");
+        stored = now;
+    }
+    println!(
+        "fleet schedule {seed}: {steps} steps, {} replicas, {} token requests, generation {stored}",
+        replicas.len(),
+        idp.requests()
+    );
+    for gw in replicas {
+        gw.stop().await;
+    }
+}
+
+/// `n` concurrent requests, each to a replica drawn at random; every one must
+/// answer 200.
+async fn burst(
+    client: &Client,
+    replicas: &[TestGateway],
+    n: usize,
+    rng: &mut impl rand::Rng,
+    ctx: &str,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let url = replicas[rng.random_range(0..replicas.len())].url(&format!("/crm/item/{i}"));
+        let client = client.clone();
+        tasks.spawn(async move {
+            let r = client.get(&url).await;
+            (r.status, r.text())
+        });
+    }
+    while let Some(reply) = tasks.join_next().await {
+        let (status, body) = reply.unwrap();
+        assert_eq!(status, StatusCode::OK, "{ctx}: {body}");
     }
 }
