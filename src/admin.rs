@@ -117,6 +117,10 @@ fn status(gw: &Gateway) -> Response<GatewayBody> {
             "providers": providers,
             "routes": routes,
             "store": {"kind": gw.store.store.kind(), "state": store_state(gw)},
+            "proxy_auth": {
+                "mode": snap.config.outbound.proxy_auth.as_str(),
+                "failures": gw.metrics.proxy_auth_failures().get(),
+            },
         }),
     )
 }

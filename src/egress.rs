@@ -2,9 +2,20 @@
 //! to upstreams and token endpoints alike, goes through the proxy unless the
 //! destination is in `no_proxy`. https destinations get an HTTP CONNECT tunnel
 //! (TLS runs end to end through it); plain-http ones are sent in absolute form to
-//! the proxy, except with proxy credentials, where they are tunnelled too: the
-//! credentials then belong to the connection (one `Proxy-Authorization` on the
-//! CONNECT) rather than to every request, which the shared client cannot add.
+//! the proxy, except when authgate can authenticate to it, where they are
+//! tunnelled too: authentication then belongs to the connection (the CONNECT
+//! handshake, `tunnel`) rather than to every request, and the request path never
+//! sees a `407`.
+
+mod auth;
+mod ntlm;
+mod spnego;
+#[cfg(windows)]
+mod sspi;
+mod tunnel;
+
+pub use auth::{ProxyAuthError, Scheme};
+pub use tunnel::TunnelError;
 
 use std::future::Future;
 use std::io;
@@ -12,13 +23,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use base64::Engine;
-use http::{HeaderValue, Uri};
+use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
@@ -26,22 +36,15 @@ use crate::config::Outbound;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Resolved `[outbound]` settings: which destinations use which proxy, and the
-/// proxy credentials. Cheap to clone.
-#[derive(Clone, Default)]
+/// Resolved `[outbound]` settings: which destinations use which proxy, and how
+/// to authenticate to it. Cheap to clone.
+#[derive(Clone, Default, Debug)]
 pub struct EgressProxy {
     matcher: Option<Arc<Matcher>>,
-    /// `Basic …` from `proxy_username` + `proxy_password`, marked sensitive.
-    auth: Option<HeaderValue>,
-}
-
-impl std::fmt::Debug for EgressProxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EgressProxy")
-            .field("matcher", &self.matcher)
-            .field("auth", &self.auth.as_ref().map(|_| "***"))
-            .finish()
-    }
+    /// `proxy_auth` and the account (its `Debug` shows no secret).
+    auth: Arc<auth::ProxyAuth>,
+    /// Tunnels refused for want of authentication (`/metrics`, `/status`).
+    failures: Counter,
 }
 
 impl EgressProxy {
@@ -60,31 +63,26 @@ impl EgressProxy {
                 .build(),
             None => Matcher::from_env(),
         };
-        let auth = match &o.proxy_username {
-            Some(user) => {
-                let password = match &o.proxy_password {
-                    Some(src) => Some(
-                        src.load()
-                            .map_err(|e| format!("outbound.proxy_password: {e}"))?,
-                    ),
-                    None => None,
-                };
-                let raw = format!(
-                    "{user}:{}",
-                    password.as_ref().map(|p| p.expose()).unwrap_or_default()
-                );
-                let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
-                let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
-                    .map_err(|_| "outbound.proxy_username: not a valid header value".to_owned())?;
-                v.set_sensitive(true);
-                Some(v)
-            }
+        let password = match &o.proxy_password {
+            Some(src) => Some(
+                src.load()
+                    .map_err(|e| format!("outbound.proxy_password: {e}"))?,
+            ),
             None => None,
         };
+        let auth = auth::ProxyAuth::new(o.proxy_auth, o.proxy_username.as_deref(), password)?;
         Ok(Self {
             matcher: Some(Arc::new(matcher)),
-            auth,
+            auth: Arc::new(auth),
+            failures: Counter::default(),
         })
+    }
+
+    /// Counts failed proxy authentications into `failures` (the gateway's
+    /// metric, which outlives a config reload).
+    pub fn counting_failures(mut self, failures: Counter) -> Self {
+        self.failures = failures;
+        self
     }
 }
 
@@ -123,6 +121,7 @@ impl Service<Uri> for ProxyConnector {
         let mut http = self.http.clone();
         let intercept = self.proxy.matcher.as_ref().and_then(|m| m.intercept(&dst));
         let auth = self.proxy.auth.clone();
+        let failures = self.proxy.failures.clone();
         Box::pin(async move {
             let Some(intercept) = intercept else {
                 let inner = http.call(dst).await.map_err(BoxError::from)?;
@@ -133,18 +132,18 @@ impl Service<Uri> for ProxyConnector {
             };
             let proxy_uri = intercept.uri().clone();
             // Credentials in the proxy URL (`http://user:pass@proxy`) count too.
-            let auth = auth.or_else(|| intercept.basic_auth().cloned());
+            let url_basic = intercept.basic_auth();
             let https = dst.scheme() == Some(&http::uri::Scheme::HTTPS);
-            if https || auth.is_some() {
+            if https || url_basic.is_some() || auth.can_authenticate() {
                 let target = with_explicit_port(&dst, https)?;
-                let mut tunnel = Tunnel::new(proxy_uri, http);
-                if let Some(a) = auth {
-                    tunnel = tunnel.with_auth(a);
-                }
-                futures_util::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
-                let inner = tunnel.call(target).await?;
+                let opened = tunnel::open(&mut http, &proxy_uri, &target, &auth, url_basic).await;
+                let stream = opened.inspect_err(|e| {
+                    if crate::error::find_in_chain::<ProxyAuthError>(e.as_ref()).is_some() {
+                        failures.inc();
+                    }
+                })?;
                 Ok(ProxyStream {
-                    inner,
+                    inner: TokioIo::new(stream),
                     proxied: false,
                 })
             } else {
@@ -158,20 +157,15 @@ impl Service<Uri> for ProxyConnector {
     }
 }
 
-/// The tunnel assumes 443 when the URI has no port; plain http needs 80.
-fn with_explicit_port(dst: &Uri, https: bool) -> Result<Uri, BoxError> {
+/// The CONNECT target, `host:port`, with the scheme's default port spelt out.
+fn with_explicit_port(dst: &Uri, https: bool) -> Result<String, BoxError> {
     let host = dst.host().ok_or("destination without host")?;
     let port = dst.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
+    Ok(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
     } else {
-        host.to_owned()
-    };
-    Ok(Uri::builder()
-        .scheme(dst.scheme_str().unwrap_or("https"))
-        .authority(format!("{host}:{port}"))
-        .path_and_query("/")
-        .build()?)
+        format!("{host}:{port}")
+    })
 }
 
 impl Connection for ProxyStream {

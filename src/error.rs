@@ -71,7 +71,14 @@ impl ProxyError {
     /// What the caller is told: never a cause chain (it may name internal hosts).
     fn public_message(&self) -> String {
         match self {
-            ProxyError::UpstreamUnreachable(_) => "the upstream could not be reached".to_owned(),
+            // The one cause worth naming to the caller: only the operator can fix
+            // it, and the message carries schemes, never an account.
+            ProxyError::UpstreamUnreachable(cause) => {
+                match find_in_chain::<crate::egress::ProxyAuthError>(cause.as_ref()) {
+                    Some(auth) => format!("the upstream could not be reached: {auth}"),
+                    None => "the upstream could not be reached".to_owned(),
+                }
+            }
             ProxyError::TokenUnavailable { reason, .. } => {
                 format!("no valid token for the upstream: {reason}")
             }

@@ -169,7 +169,9 @@ fn build_snapshot(
     shutdown: &CancellationToken,
 ) -> Result<Snapshot, String> {
     let file = config.path.display().to_string();
-    let proxy = EgressProxy::from_config(&config.outbound).map_err(|e| format!("{file}: {e}"))?;
+    let proxy = EgressProxy::from_config(&config.outbound)
+        .map_err(|e| format!("{file}: {e}"))?
+        .counting_failures(metrics.proxy_auth_failures());
     // A provider is kept only if neither its settings nor the egress proxy its
     // token endpoint is reached through changed.
     let outbound_same = old.is_some_and(|o| o.config.outbound == config.outbound);

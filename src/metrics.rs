@@ -127,6 +127,7 @@ pub struct Metrics {
     store_errors: Counter,
     audit_dropped: Counter,
     reloads: Family<OutcomeLabel, Counter>,
+    proxy_auth_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -147,6 +148,7 @@ impl Metrics {
         let store_errors = Counter::default();
         let audit_dropped = Counter::default();
         let reloads = Family::<OutcomeLabel, Counter>::default();
+        let proxy_auth_failures = Counter::default();
         for outcome in ["ok", "error"] {
             let _ = reloads.get_or_create_owned(&OutcomeLabel {
                 outcome: outcome.to_owned(),
@@ -198,6 +200,11 @@ impl Metrics {
             "Config reloads, by outcome",
             reloads.clone(),
         );
+        registry.register(
+            "authgate_proxy_auth_failures",
+            "Connections the egress proxy refused for want of authentication",
+            proxy_auth_failures.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -209,7 +216,13 @@ impl Metrics {
             store_errors,
             audit_dropped,
             reloads,
+            proxy_auth_failures,
         })
+    }
+
+    /// The egress proxy's authentication failures, shared by every connector.
+    pub fn proxy_auth_failures(&self) -> Counter {
+        self.proxy_auth_failures.clone()
     }
 
     /// Handles for one route; the series exist (at 0) from now on.

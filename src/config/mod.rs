@@ -115,6 +115,45 @@ pub struct Outbound {
     pub no_proxy: Vec<String>,
     pub proxy_username: Option<String>,
     pub proxy_password: Option<SecretSource>,
+    pub proxy_auth: ProxyAuthMode,
+}
+
+/// `[outbound] proxy_auth`: how to answer the egress proxy's `407`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyAuthMode {
+    /// The strongest scheme the proxy offers that can be used.
+    #[default]
+    Auto,
+    Negotiate,
+    Ntlm,
+    Basic,
+    /// Never answer a `407`.
+    None,
+}
+
+impl ProxyAuthMode {
+    pub const NAMES: &'static str = "auto, negotiate, ntlm, basic, none";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => Self::Auto,
+            "negotiate" => Self::Negotiate,
+            "ntlm" => Self::Ntlm,
+            "basic" => Self::Basic,
+            "none" => Self::None,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Negotiate => "negotiate",
+            Self::Ntlm => "ntlm",
+            Self::Basic => "basic",
+            Self::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

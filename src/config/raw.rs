@@ -76,6 +76,7 @@ pub(crate) struct RawOutbound {
     pub(crate) proxy_username: Option<String>,
     pub(crate) proxy_password_env: Option<String>,
     pub(crate) proxy_password_file: Option<String>,
+    pub(crate) proxy_auth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

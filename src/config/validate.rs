@@ -345,18 +345,93 @@ fn outbound(
         }
         None => None,
     };
+    let proxy_auth = match o.proxy_auth.as_deref() {
+        None => ProxyAuthMode::Auto,
+        Some(s) => ProxyAuthMode::parse(s).ok_or_else(|| {
+            (
+                at.key("proxy_auth"),
+                format!("unknown proxy_auth {s:?} (known: {})", ProxyAuthMode::NAMES),
+            )
+        })?,
+    };
+    let proxy_password = secret_pair(
+        at,
+        "proxy_password",
+        o.proxy_password_env,
+        o.proxy_password_file,
+        resolve,
+    )?;
+    match o.proxy_username.as_deref() {
+        Some(u) if u.trim().is_empty() || u.contains(':') || u.chars().any(char::is_control) => {
+            return Err((
+                at.key("proxy_username"),
+                "must be DOMAIN\\user, user@domain or user (no ':')".into(),
+            ))
+        }
+        Some(u)
+            if u.contains('\\')
+                && u.split_once('\\')
+                    .is_some_and(|(d, n)| d.is_empty() || n.is_empty()) =>
+        {
+            return Err((
+                at.key("proxy_username"),
+                format!("{u:?}: DOMAIN\\user needs both a domain and a user"),
+            ))
+        }
+        Some(_) if proxy_password.is_none() => {
+            return Err((
+                at.key("proxy_username"),
+                "needs proxy_password_env or proxy_password_file".into(),
+            ))
+        }
+        None if proxy_password.is_some() => {
+            return Err((
+                at.key(if proxy_password_is_env(&proxy_password) {
+                    "proxy_password_env"
+                } else {
+                    "proxy_password_file"
+                }),
+                "needs proxy_username".into(),
+            ))
+        }
+        _ => {}
+    }
+    // Off Windows there is no logon to authenticate as: an explicit scheme
+    // needs the account, or a proxy URL that carries one (Basic only).
+    let url_has_user = proxy
+        .as_ref()
+        .and_then(Uri::authority)
+        .is_some_and(|a| a.as_str().contains('@'));
+    let needs_account = match proxy_auth {
+        ProxyAuthMode::Negotiate | ProxyAuthMode::Ntlm => !cfg!(windows),
+        ProxyAuthMode::Basic => !url_has_user,
+        ProxyAuthMode::Auto | ProxyAuthMode::None => false,
+    };
+    if needs_account && o.proxy_username.is_none() {
+        return Err((
+            at.key("proxy_auth"),
+            format!(
+                "proxy_auth = {:?} needs proxy_username and proxy_password_env or proxy_password_file{}",
+                proxy_auth.as_str(),
+                if proxy_auth == ProxyAuthMode::Basic {
+                    ""
+                } else {
+                    " (only on Windows does authgate authenticate as its own account)"
+                }
+            ),
+        ));
+    }
     Ok(Outbound {
         proxy,
         no_proxy: o.no_proxy.unwrap_or_default(),
         proxy_username: o.proxy_username,
-        proxy_password: secret_pair(
-            at,
-            "proxy_password",
-            o.proxy_password_env,
-            o.proxy_password_file,
-            resolve,
-        )?,
+        proxy_password,
+        proxy_auth,
     })
+}
+
+fn proxy_password_is_env(p: &Option<SecretSource>) -> bool {
+    matches!(p, Some(SecretSource::Env(_)))
 }
 
 /// `<name>_env` / `<name>_file`: at most one of them.

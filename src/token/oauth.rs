@@ -26,6 +26,9 @@ const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 pub enum TokenError {
     #[error("token endpoint unreachable: {0}")]
     Transport(String),
+    /// The egress proxy refused the tunnel to the token endpoint.
+    #[error("token endpoint unreachable: {0}")]
+    ProxyAuth(String),
     #[error("token endpoint did not answer within {0:?}")]
     Timeout(Duration),
     #[error("token endpoint answered HTTP {status}")]
@@ -106,6 +109,7 @@ impl TokenError {
     pub fn code(&self) -> String {
         match self {
             TokenError::Transport(_) => "unreachable".into(),
+            TokenError::ProxyAuth(_) => "proxy_authentication_failed".into(),
             TokenError::Timeout(_) => "timeout".into(),
             TokenError::Http { status, .. } => format!("http_{status}"),
             TokenError::OAuth { code, .. } => code.clone(),
@@ -322,10 +326,12 @@ pub async fn request_token(
     }
 
     let exchange = async {
-        let resp = http
-            .request(req)
-            .await
-            .map_err(|e| TokenError::Transport(crate::error::chain(&e)))?;
+        let resp = http.request(req).await.map_err(|e| {
+            match crate::error::find_in_chain::<crate::egress::ProxyAuthError>(&e) {
+                Some(auth) => TokenError::ProxyAuth(auth.to_string()),
+                None => TokenError::Transport(crate::error::chain(&e)),
+            }
+        })?;
         let status = resp.status();
         let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
