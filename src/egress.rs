@@ -14,7 +14,7 @@ mod spnego;
 mod sspi;
 mod tunnel;
 
-pub use auth::{ProxyAuthError, Scheme};
+pub use auth::{unanswered, ProxyAuthError, Scheme};
 pub use tunnel::TunnelError;
 
 use std::future::Future;

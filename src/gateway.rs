@@ -229,7 +229,10 @@ fn build_snapshot(
         };
         let upstream = upstreams
             .entry((rc.tls.clone(), scheme.clone(), authority.clone()))
-            .or_insert_with(|| Upstream::new(connector, scheme, authority))
+            .or_insert_with(|| {
+                Upstream::new(connector, scheme, authority)
+                    .counting_proxy_auth_failures(metrics.proxy_auth_failures())
+            })
             .clone();
         routes.push(Route {
             name: Arc::from(rc.name.as_str()),

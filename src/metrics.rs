@@ -399,4 +399,8 @@ impl ProviderMetrics {
     pub fn store_error(&self) {
         self.metrics.store_error();
     }
+
+    pub fn proxy_auth_failure(&self) {
+        self.metrics.proxy_auth_failures.inc();
+    }
 }

@@ -53,6 +53,8 @@ pub enum ProxyAuthError {
         mode: &'static str,
         hint: &'static str,
     },
+    #[error("egress proxy authentication failed: the proxy asks for {offered} and authgate has nothing to answer with (proxy_auth = \"none\", or no proxy_username and proxy_password_env or proxy_password_file)")]
+    Unanswered { offered: String },
     #[error("egress proxy authentication failed: the proxy rejected the {0} credentials")]
     Rejected(Scheme),
     #[error("egress proxy authentication failed: still asked to authenticate after {0} rounds")]
@@ -263,6 +265,18 @@ fn split_unquoted(s: &str) -> Vec<&str> {
     }
     parts.push(&s[start..]);
     parts
+}
+
+/// A `407` answered to a request sent in absolute form: authgate sends plain
+/// http that way only when it has no way to authenticate.
+pub fn unanswered(headers: &http::HeaderMap) -> ProxyAuthError {
+    let fields = headers
+        .get_all(http::header::PROXY_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    ProxyAuthError::Unanswered {
+        offered: describe(&parse_challenges(fields)),
+    }
 }
 
 fn describe(offered: &[Challenge]) -> String {

@@ -70,6 +70,9 @@ struct Origin {
     speaks_h2: AtomicBool,
     connecting: tokio::sync::Mutex<()>,
     reaper_started: AtomicBool,
+    /// Counts a `407` from a forward proxy (the tunnelled case counts in the
+    /// connector).
+    proxy_auth_failures: prometheus_client::metrics::counter::Counter,
 }
 
 /// An HTTP/1 connection: idle in the queue, or checked out for one request.
@@ -125,8 +128,20 @@ impl Upstream {
                 speaks_h2: AtomicBool::new(false),
                 connecting: tokio::sync::Mutex::new(()),
                 reaper_started: AtomicBool::new(false),
+                proxy_auth_failures: Default::default(),
             }),
         }
+    }
+
+    /// Counts the egress proxy's `407`s into `failures` (the gateway's metric).
+    pub fn counting_proxy_auth_failures(
+        mut self,
+        failures: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        if let Some(o) = Arc::get_mut(&mut self.origin) {
+            o.proxy_auth_failures = failures;
+        }
+        self
     }
 
     /// Sends `req` (origin- or absolute-form; either is fixed up per connection)
@@ -286,6 +301,13 @@ impl Upstream {
                 checkin: None,
             }));
         };
+        if resp.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED && conn.proxied {
+            // A forward proxy that wants credentials authgate does not have: the
+            // contract's 502 naming proxy authentication, not the proxy's page.
+            self.origin.proxy_auth_failures.inc();
+            let err = crate::egress::unanswered(resp.headers());
+            return Err((SendError::Connect(Box::new(err)), None));
+        }
         let (parts, inner) = resp.into_parts();
         let mut checkin = (!asks_close(&parts.headers)).then(|| Checkin {
             origin: self.origin.clone(),

@@ -875,7 +875,16 @@ impl Provider {
             Err(TokenError::OAuth { code, .. }) if is_refresh && code == "invalid_grant" => {
                 return Err(TokenError::ReauthRequired)
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if let TokenError::ProxyAuth {
+                    from_response: true,
+                    ..
+                } = e
+                {
+                    self.metrics.proxy_auth_failure();
+                }
+                return Err(e);
+            }
         };
         let current = self.current();
         let same = current

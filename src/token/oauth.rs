@@ -26,9 +26,14 @@ const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 pub enum TokenError {
     #[error("token endpoint unreachable: {0}")]
     Transport(String),
-    /// The egress proxy refused the tunnel to the token endpoint.
-    #[error("token endpoint unreachable: {0}")]
-    ProxyAuth(String),
+    /// The egress proxy wants authentication authgate cannot give: refused
+    /// the tunnel (counted by the connector), or, `from_response`, answered
+    /// `407` to a plain-http request sent to it in absolute form.
+    #[error("token endpoint unreachable: {message}")]
+    ProxyAuth {
+        message: String,
+        from_response: bool,
+    },
     #[error("token endpoint did not answer within {0:?}")]
     Timeout(Duration),
     #[error("token endpoint answered HTTP {status}")]
@@ -109,7 +114,7 @@ impl TokenError {
     pub fn code(&self) -> String {
         match self {
             TokenError::Transport(_) => "unreachable".into(),
-            TokenError::ProxyAuth(_) => "proxy_authentication_failed".into(),
+            TokenError::ProxyAuth { .. } => "proxy_authentication_failed".into(),
             TokenError::Timeout(_) => "timeout".into(),
             TokenError::Http { status, .. } => format!("http_{status}"),
             TokenError::OAuth { code, .. } => code.clone(),
@@ -328,11 +333,20 @@ pub async fn request_token(
     let exchange = async {
         let resp = http.request(req).await.map_err(|e| {
             match crate::error::find_in_chain::<crate::egress::ProxyAuthError>(&e) {
-                Some(auth) => TokenError::ProxyAuth(auth.to_string()),
+                Some(auth) => TokenError::ProxyAuth {
+                    message: auth.to_string(),
+                    from_response: false,
+                },
                 None => TokenError::Transport(crate::error::chain(&e)),
             }
         })?;
         let status = resp.status();
+        if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            return Err::<(StatusCode, Option<Duration>, Bytes), _>(TokenError::ProxyAuth {
+                message: crate::egress::unanswered(resp.headers()).to_string(),
+                from_response: true,
+            });
+        }
         let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()

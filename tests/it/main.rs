@@ -9,6 +9,7 @@ mod forward;
 mod ops;
 mod persist;
 mod pool;
+mod proxy_auth;
 mod sec;
 mod tokens;
 mod upstream_tls;

@@ -844,7 +844,7 @@ async fn with_proxy_credentials_upstream_and_token_endpoint_are_tunnelled() {
     let up = MockUpstream::with_idp(&idp).await;
     let toml = cc_config(&idp, &up)
         + &format!(
-            "\n[outbound]\nproxy = \"http://{proxy}\"\nproxy_username = \"svc\"\nproxy_password_env = \"OPS_PROXY_PASSWORD\"\n"
+            "\n[outbound]\nproxy = \"http://{proxy}\"\nproxy_username = \"svc\"\nproxy_password_env = \"OPS_PROXY_PASSWORD\"\nproxy_auth = \"basic\"\n"
         );
     let gw = TestGateway::start(&toml).await;
     gw.ready().await;

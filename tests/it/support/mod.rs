@@ -9,6 +9,7 @@ pub mod client;
 pub mod gateway;
 pub mod idp;
 pub mod pki;
+pub mod proxy;
 pub mod upstream;
 
 pub use client::Client;
