@@ -164,7 +164,7 @@ impl ProxyAuth {
             .ok_or_else(|| ProxyAuthError::NoUsableScheme {
                 offered: describe(offered),
                 mode: self.mode.as_str(),
-                hint: if self.account.is_none() && !SSPI {
+                hint: if self.account.is_none() && !SSPI && self.mode != ProxyAuthMode::None {
                     " (set proxy_username and proxy_password_env or proxy_password_file)"
                 } else {
                     ""

@@ -6,7 +6,7 @@
 //! `InitializeSecurityContextW` may ask a domain controller for a Kerberos
 //! ticket, so it runs on the blocking pool, never on a runtime worker.
 
-#![allow(unsafe_code)]
+#![expect(unsafe_code)]
 
 use std::ptr;
 

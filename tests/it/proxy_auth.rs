@@ -588,7 +588,10 @@ async fn a_plain_http_token_endpoint_behind_a_proxy_without_credentials_gives_50
     assert!(msg.contains("proxy_authentication_failed"), "{msg}");
     assert_eq!(idp.requests(), 0);
     let seen = proxy.seen();
-    assert!(seen[0].line.starts_with("POST http://127.0.0.1:"), "{seen:#?}");
+    assert!(
+        seen[0].line.starts_with("POST http://127.0.0.1:"),
+        "{seen:#?}"
+    );
     let m = metrics(&c, &gw).await;
     assert!(!m.contains("authgate_proxy_auth_failures_total 0"), "{m}");
     gw.stop().await;
