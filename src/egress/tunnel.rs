@@ -221,3 +221,101 @@ async fn drain_body(stream: &mut TcpStream, head: &Head) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyAuthMode;
+    use crate::secret::Secret;
+
+    /// A proxy answering each connection's CONNECTs from its own script, then
+    /// closing; returns its URI and the request heads it read.
+    async fn scripted(
+        script: Vec<Vec<&'static str>>,
+    ) -> (Uri, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for answers in script {
+                let (mut s, _) = listener.accept().await.unwrap();
+                for answer in answers {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    s.write_all(answer.as_bytes()).await.unwrap();
+                }
+            }
+        });
+        (uri, seen)
+    }
+
+    fn basic() -> ProxyAuth {
+        ProxyAuth::new(ProxyAuthMode::Auto, Some("u"), Some(Secret::new("p"))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_http_1_0_407_is_answered_on_a_new_connection_and_a_second_refusal_ends_it() {
+        let (proxy, seen) = scripted(vec![
+            vec!["HTTP/1.0 407 Auth\r\nProxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n"],
+            vec!["HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=\"x\"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+            vec!["HTTP/1.1 200 OK\r\n\r\n"],
+        ])
+        .await;
+        let mut http = HttpConnector::new();
+        // The first refusal is for the bare CONNECT, the second for Basic: refused.
+        let err = open(&mut http, &proxy, "up:443", &basic(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<ProxyAuthError>(),
+            Some(&ProxyAuthError::Rejected(super::super::auth::Scheme::Basic))
+        );
+        let heads = seen.lock().unwrap().clone();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        assert!(heads[1].contains("Proxy-Authorization: Basic "));
+    }
+
+    #[tokio::test]
+    async fn basic_after_a_closing_407_opens_the_tunnel() {
+        let (proxy, seen) = scripted(vec![
+            vec!["HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=\"x\"\r\nConnection: close\r\nContent-Length: 3\r\n\r\nno!"],
+            vec!["HTTP/1.1 200 Connection established\r\n\r\n"],
+        ])
+        .await;
+        let mut http = HttpConnector::new();
+        open(&mut http, &proxy, "up:443", &basic(), None)
+            .await
+            .unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_not_an_authentication_failure() {
+        let (proxy, _) = scripted(vec![vec![
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+        ]])
+        .await;
+        let mut http = HttpConnector::new();
+        let err = open(&mut http, &proxy, "up:443", &basic(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<TunnelError>(),
+            Some(TunnelError::Refused(403))
+        ));
+        assert!(crate::error::find_in_chain::<ProxyAuthError>(err.as_ref()).is_none());
+    }
+}
