@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let path = lines.next().unwrap_or_default();
     let prefixes: Vec<String> = lines.filter_map(|p| normalize_prefix(p).ok()).collect();
     let table = RouteTable::new(prefixes.iter().map(String::as_str));
-    if !path_is_safe(path) {
+    // The gateway takes the path from a parsed URI: it never holds the query.
+    if path.contains(['?', '#']) || !path_is_safe(path) {
         return;
     }
     let Some((idx, rest)) = table.find(path) else {
@@ -24,8 +25,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(path.ends_with(rest));
     assert!(rest.is_empty() || rest.starts_with('/'));
     let base = "/base/v2";
-    let mut out = String::new();
-    join_path(&mut out, base, rest, Some("q=1"));
+    let out = join_path(base, rest, Some("q=1"));
     assert!(out.starts_with(base));
     let joined = out.split('?').next().unwrap_or_default();
     assert!(

@@ -548,7 +548,7 @@ fn send<'a>(
 /// RFC 6750 §3.1: refresh on `invalid_token`, or when the 401 names no error at
 /// all; other errors (`invalid_request`, `insufficient_scope`) are not about the
 /// token's freshness.
-fn refresh_worthy(h: &HeaderMap) -> bool {
+pub fn refresh_worthy(h: &HeaderMap) -> bool {
     let mut saw_error = false;
     for v in h.get_all(WWW_AUTHENTICATE) {
         let Ok(s) = v.to_str() else { continue };

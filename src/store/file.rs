@@ -219,6 +219,23 @@ fn read_document(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreErro
     }
 }
 
+/// The tokens a store document holds, decoded as `open` decodes them at start-up.
+/// Public for the fuzz target: whatever a damaged disk or another program left in
+/// the file gives tokens or an error, never a panic.
+pub fn decode(
+    bytes: &[u8],
+    cipher: Option<&Cipher>,
+) -> Result<BTreeMap<String, StoredToken>, StoreError> {
+    let records = parse(bytes).map_err(|reason| StoreError::Corrupt {
+        path: "(document)".into(),
+        reason,
+    })?;
+    records
+        .into_iter()
+        .map(|(provider, record)| Ok((provider.clone(), record.open(&provider, cipher)?)))
+        .collect()
+}
+
 fn parse(bytes: &[u8]) -> Result<BTreeMap<String, TokenRecord>, String> {
     let header: Header = serde_json::from_slice(bytes).map_err(|e| describe(&e))?;
     match header.version.as_ref().map(|v| v.as_u64()) {
