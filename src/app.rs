@@ -106,6 +106,10 @@ impl App {
         };
         let opts = ServerOpts::from_listen(&config.listen)
             .map_err(|e| StartError::Invalid(format!("listen: {e}")))?;
+        let console = match &config.admin {
+            Some(a) => Some(crate::admin::Console::new(a).map_err(StartError::Invalid)?),
+            None => None,
+        };
         let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())
             .map_err(StartError::Invalid)?;
 
@@ -124,16 +128,17 @@ impl App {
             move |req, conn| crate::forward::serve(gw.clone(), req, conn),
         )));
         let mut admin_addr = None;
-        if let Some(l) = admin_listener {
+        if let (Some(l), Some(console)) = (admin_listener, console) {
             admin_addr = l.local_addr().ok();
             let gw = gateway.clone();
             listeners.push(tokio::spawn(server::serve(
                 l,
                 ServerOpts::admin(),
                 shutdown.clone(),
-                move |req, _conn| {
+                move |req, conn| {
                     let gw = gw.clone();
-                    async move { crate::admin::serve(&gw, req).await }
+                    let console = console.clone();
+                    async move { crate::admin::serve(&gw, &console, &conn, req).await }
                 },
             )));
         }

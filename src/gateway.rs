@@ -19,7 +19,7 @@ use crate::forward::client::{self, Connector};
 use crate::forward::pool::Upstream;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
-use crate::token::{Provider, ProviderDeps, StoreHandle};
+use crate::token::{Provider, ProviderDeps, StoreHandle, TokenEvents};
 
 /// A route ready for the request path: everything precomputed.
 #[derive(Debug)]
@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub callers: Callers,
     /// Metrics of requests that matched no route (label `route=""`).
     pub unrouted: RouteMetrics,
+    /// When this config version was swapped in.
+    pub loaded_at: std::time::SystemTime,
 }
 
 #[derive(Debug)]
@@ -56,6 +58,8 @@ pub struct Gateway {
     pub audit: Option<AuditSink>,
     pub store: Arc<StoreHandle>,
     pub shutdown: CancellationToken,
+    /// The last token events, for the admin console.
+    pub events: Arc<TokenEvents>,
 }
 
 impl Gateway {
@@ -68,6 +72,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, String> {
+        let events = TokenEvents::new();
         let snapshot = build_snapshot(
             Arc::new(config),
             None,
@@ -75,6 +80,7 @@ impl Gateway {
             audit.as_ref(),
             &metrics,
             &shutdown,
+            &events,
         )?;
         for p in snapshot.providers.values() {
             p.start();
@@ -85,6 +91,7 @@ impl Gateway {
             audit,
             store,
             shutdown,
+            events,
         });
         gw.watch_store();
         Ok(gw)
@@ -106,6 +113,7 @@ impl Gateway {
             self.audit.as_ref(),
             &self.metrics,
             &self.shutdown,
+            &self.events,
         )?;
         for (name, p) in &new.providers {
             let kept = prev.providers.get(name).is_some_and(|o| Arc::ptr_eq(o, p));
@@ -167,6 +175,7 @@ fn build_snapshot(
     audit: Option<&AuditSink>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
+    events: &Arc<TokenEvents>,
 ) -> Result<Snapshot, String> {
     let file = config.path.display().to_string();
     let proxy = EgressProxy::from_config(&config.outbound)
@@ -192,6 +201,7 @@ fn build_snapshot(
                     audit: audit.cloned(),
                     shutdown: shutdown.child_token(),
                     proxy: proxy.clone(),
+                    events: events.clone(),
                 },
             )
             .map_err(|e| format!("{file}: providers.{name}: {e}"))?,
@@ -257,5 +267,6 @@ fn build_snapshot(
         routes,
         providers,
         callers,
+        loaded_at: std::time::SystemTime::now(),
     })
 }

@@ -247,6 +247,7 @@ async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
         metrics: metrics.provider(&name),
         audit: None,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        events: authgate::token::TokenEvents::new(),
         proxy: match authgate::egress::EgressProxy::from_config(&config.outbound) {
             Ok(p) => p,
             Err(e) => {

@@ -78,6 +78,51 @@ impl AtomicHistogram {
     }
 }
 
+impl AtomicHistogram {
+    /// The `q` quantile, interpolated within its bucket the way Prometheus'
+    /// `histogram_quantile` does. `None` without observations; `Some(None)`-like
+    /// overflow (above the last bound) reads as the last bound.
+    pub fn quantile(&self, q: f64) -> Option<Quantile> {
+        let count = self.0.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return None;
+        }
+        let rank = q * count as f64;
+        let mut below = 0u64;
+        let mut lower = 0.0;
+        for (i, upper) in BUCKETS.iter().enumerate() {
+            let n = self.0.buckets[i].load(Ordering::Relaxed);
+            if n > 0 && (below + n) as f64 >= rank {
+                let into = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                let secs = lower + (upper - lower) * into;
+                return Some(Quantile::Within(Duration::from_secs_f64(secs)));
+            }
+            below += n;
+            lower = *upper;
+        }
+        Some(Quantile::Above(Duration::from_secs_f64(lower)))
+    }
+}
+
+/// A quantile read from histogram buckets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quantile {
+    Within(Duration),
+    /// Above the last bucket's bound (this one).
+    Above(Duration),
+}
+
+/// One route's traffic, as the console shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RouteSummary {
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    /// Requests replayed after a 401 (whatever the replay's answer).
+    pub replays: u64,
+    pub p99: Option<Quantile>,
+}
+
 impl TypedMetric for AtomicHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }
@@ -128,6 +173,9 @@ pub struct Metrics {
     audit_dropped: Counter,
     reloads: Family<OutcomeLabel, Counter>,
     proxy_auth_failures: Counter,
+    /// Each route's resolved status counters, kept across reloads so the
+    /// console's sums count every status the route ever answered.
+    route_statuses: std::sync::Mutex<std::collections::HashMap<String, Arc<StatusCounters>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -217,6 +265,7 @@ impl Metrics {
             audit_dropped,
             reloads,
             proxy_auth_failures,
+            route_statuses: Default::default(),
         })
     }
 
@@ -252,7 +301,13 @@ impl Metrics {
         };
         // DESIGN.md: counters exist (at 0) from start-up, so a route shows its
         // `status="200"` series before its first request.
-        let by_status: [OnceLock<Counter>; 500] = std::array::from_fn(|_| OnceLock::new());
+        let by_status = self
+            .route_statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(std::array::from_fn(|_| OnceLock::new())))
+            .clone();
         let _ = by_status[200 - 100].set(self.requests.get_or_create_owned(&RouteStatus {
             route: name.to_owned(),
             status: "200".to_owned(),
@@ -270,7 +325,13 @@ impl Metrics {
 
     /// Handles for one provider; the series exist (at 0) from now on.
     pub fn provider(self: &Arc<Self>, name: &str) -> ProviderMetrics {
-        for trigger in ["startup", "expiry", "unauthorized", "manual"] {
+        for trigger in [
+            "startup",
+            "expiry",
+            "unauthorized",
+            "manual",
+            "authorization",
+        ] {
             for outcome in ["ok", "error"] {
                 self.refreshes.get_or_create_owned(&Refresh {
                     provider: name.to_owned(),
@@ -317,6 +378,9 @@ impl Metrics {
     }
 }
 
+/// A route's request counters by status 100..=599, each resolved on first use.
+type StatusCounters = [OnceLock<Counter>; 500];
+
 /// Per-route handles, cheap to clone.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics(Arc<RouteInner>);
@@ -326,7 +390,7 @@ struct RouteInner {
     name: String,
     metrics: Arc<Metrics>,
     /// Status 100..=599, each resolved once.
-    by_status: [OnceLock<Counter>; 500],
+    by_status: Arc<StatusCounters>,
     duration: AtomicHistogram,
     replay_ok: Counter,
     replay_unauthorized: Counter,
@@ -356,6 +420,27 @@ impl RouteMetrics {
             })
             .inc();
         inner.duration.observe(elapsed);
+    }
+
+    /// What the console shows of the route: read from the same atomics `/metrics`
+    /// exports, at page time.
+    pub fn summary(&self) -> RouteSummary {
+        let inner = &self.0;
+        let mut sum = RouteSummary::default();
+        for (i, c) in inner.by_status.iter().enumerate() {
+            let Some(n) = c.get().map(Counter::get) else {
+                continue;
+            };
+            sum.requests += n;
+            match i + 100 {
+                400..=499 => sum.client_errors += n,
+                500..=599 => sum.server_errors += n,
+                _ => {}
+            }
+        }
+        sum.replays = inner.replay_ok.get() + inner.replay_unauthorized.get();
+        sum.p99 = inner.duration.quantile(0.99);
+        sum
     }
 
     pub fn replay(&self, outcome: ReplayOutcome) {
@@ -390,6 +475,11 @@ impl ProviderMetrics {
 
     pub fn waiter(&self) {
         self.waiters.inc();
+    }
+
+    /// `authgate_refresh_waiters_total` of this provider, for the console.
+    pub fn waiters_total(&self) -> u64 {
+        self.waiters.get()
     }
 
     pub fn set_expiry(&self, secs: Option<f64>) {

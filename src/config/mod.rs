@@ -17,6 +17,7 @@ pub(crate) mod raw;
 mod validate;
 
 pub use locate::KeyPath;
+pub(crate) use validate::is_loopback_host;
 
 /// Where a request body limit is absent: no limit.
 pub const DEFAULT_MAX_REPLAY_BODY: u64 = 1 << 20;
@@ -74,6 +75,9 @@ pub struct ListenTls {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub addr: SocketAddr,
+    /// `key_env` / `key_file`: HTTP Basic password of the console's actions; without
+    /// one, actions are accepted from loopback clients only.
+    pub key: Option<SecretSource>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,8 +215,21 @@ pub enum Grant {
     ClientCredentials(OAuthClient),
     RefreshToken {
         client: OAuthClient,
-        initial_refresh_token: SecretSource,
+        /// The first refresh token; optional with `authorize`, where the provider
+        /// can be authorized from the console instead.
+        initial_refresh_token: Option<SecretSource>,
+        authorize: Option<Box<Authorize>>,
     },
+}
+
+/// Reauthorization settings of a `refresh_token` provider (authorization code +
+/// PKCE, started from the admin console).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Authorize {
+    pub url: Uri,
+    /// `None`: `http://127.0.0.1:<admin port>/oauth/callback`, known once the admin
+    /// listener is bound.
+    pub redirect_uri: Option<Uri>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -245,6 +262,14 @@ impl ProviderConfig {
             Grant::Static { .. } => GrantKind::Static,
             Grant::ClientCredentials(_) => GrantKind::ClientCredentials,
             Grant::RefreshToken { .. } => GrantKind::RefreshToken,
+        }
+    }
+
+    /// The reauthorization settings, when the provider has them.
+    pub fn authorize(&self) -> Option<&Authorize> {
+        match &self.grant {
+            Grant::RefreshToken { authorize, .. } => authorize.as_deref(),
+            _ => None,
         }
     }
 

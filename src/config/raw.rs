@@ -44,6 +44,9 @@ pub(crate) struct RawListen {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub(crate) addr: String,
+    /// The password of the console's actions (HTTP Basic, user `admin`).
+    pub(crate) key_env: Option<String>,
+    pub(crate) key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +106,10 @@ pub(crate) struct RawProvider {
     pub(crate) scheme: Option<String>,
     pub(crate) refresh_token_env: Option<String>,
     pub(crate) refresh_token_file: Option<String>,
+    /// `refresh_token` grant: the IdP's authorization endpoint, for reauthorization
+    /// from the console (authorization code + PKCE).
+    pub(crate) authorize_url: Option<String>,
+    pub(crate) redirect_uri: Option<String>,
     pub(crate) token_env: Option<String>,
     pub(crate) token_file: Option<String>,
     pub(crate) client_key: Option<String>,

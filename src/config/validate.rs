@@ -130,9 +130,13 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
     }
 
     let admin = match raw.admin {
-        Some(a) => Some(Admin {
-            addr: socket_addr(&a.addr).map_err(|m| (root.key("admin").key("addr"), m))?,
-        }),
+        Some(a) => {
+            let at = root.key("admin");
+            Some(Admin {
+                addr: socket_addr(&a.addr).map_err(|m| (at.key("addr"), m))?,
+                key: secret_pair(&at, "key", a.key_env, a.key_file, &resolve)?,
+            })
+        }
         None => None,
     };
     let audit = raw.audit.map(|a| Audit {
@@ -162,6 +166,13 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
             check_callers(&at.key("expose_to"), expose)?;
         }
         let cfg = provider(&name, p, &at, &resolve)?;
+        if cfg.authorize().is_some() && admin.is_none() {
+            // The IdP sends the browser back to the admin listener.
+            return Err((
+                at.key("authorize_url"),
+                "authorize_url needs [admin] (the authorization callback is served there)".into(),
+            ));
+        }
         providers.insert(name, cfg);
     }
 
@@ -581,6 +592,19 @@ fn provider(
             timeout: p.timeout.map_or(DEFAULT_TOKEN_TIMEOUT, |d| d.0),
         })
     };
+    if p.grant != "refresh_token" {
+        for (key, set) in [
+            ("authorize_url", p.authorize_url.is_some()),
+            ("redirect_uri", p.redirect_uri.is_some()),
+        ] {
+            if set {
+                return Err((
+                    at.key(key),
+                    format!("{key} is for grant = \"refresh_token\" only"),
+                ));
+            }
+        }
+    }
     let grant = match p.grant.as_str() {
         "static" => {
             let token = required_secret(
@@ -595,17 +619,29 @@ fn provider(
         }
         "client_credentials" => Grant::ClientCredentials(oauth(&p)?),
         "refresh_token" => {
-            let initial = required_secret(
-                at,
-                "refresh_token",
-                p.refresh_token_env.clone(),
-                p.refresh_token_file.clone(),
-                resolve,
-                "refresh_token",
-            )?;
+            let authorize = authorize(&p, at, allow_http)?;
+            let initial = if authorize.is_some() {
+                secret_pair(
+                    at,
+                    "refresh_token",
+                    p.refresh_token_env.clone(),
+                    p.refresh_token_file.clone(),
+                    resolve,
+                )?
+            } else {
+                Some(required_secret(
+                    at,
+                    "refresh_token",
+                    p.refresh_token_env.clone(),
+                    p.refresh_token_file.clone(),
+                    resolve,
+                    "refresh_token",
+                )?)
+            };
             Grant::RefreshToken {
                 client: oauth(&p)?,
                 initial_refresh_token: initial,
+                authorize,
             }
         }
         other => {
@@ -639,6 +675,41 @@ fn provider(
         scheme,
         expose_to: p.expose_to.unwrap_or_default(),
     })
+}
+
+/// `authorize_url` and `redirect_uri` of a `refresh_token` provider.
+fn authorize(p: &RawProvider, at: &KeyPath, allow_http: bool) -> Check<Option<Box<Authorize>>> {
+    let Some(url) = p.authorize_url.as_deref() else {
+        if p.redirect_uri.is_some() {
+            return Err((
+                at.key("redirect_uri"),
+                "redirect_uri needs authorize_url".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let url = endpoint(&at.key("authorize_url"), url, allow_http, "authorize_url")?;
+    let redirect_uri = match p.redirect_uri.as_deref() {
+        // Where the browser is sent back to: the admin listener, often on loopback,
+        // so plain http is accepted here whatever the host.
+        Some(r) => {
+            let at = at.key("redirect_uri");
+            let uri: Uri = r
+                .parse()
+                .map_err(|_| (at.clone(), format!("invalid URL {r:?}")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https"))
+                || uri.host().unwrap_or_default().is_empty()
+            {
+                return Err((
+                    at,
+                    format!("redirect_uri must be an absolute http:// or https:// URL, got {r:?}"),
+                ));
+            }
+            Some(uri)
+        }
+        None => None,
+    };
+    Ok(Some(Box::new(Authorize { url, redirect_uri })))
 }
 
 fn route(r: RawRoute, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Check<RouteConfig> {

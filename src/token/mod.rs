@@ -17,14 +17,20 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditSink, TokenEvent};
+use crate::audit::AuditSink;
 use crate::config::{Grant, ProviderConfig};
 use crate::forward::client::HttpClient;
 use crate::metrics::ProviderMetrics;
 use crate::secret::Secret;
 use crate::store::{StoredToken, TokenStore};
 
+mod authorize;
+mod events;
 pub mod oauth;
+mod view;
+
+pub use events::{TokenEventRecord, TokenEvents, EVENTS_KEPT};
+pub use view::{ProviderState, ProviderView};
 
 use oauth::{ClientCredential, GrantRequest, Retry, TokenError};
 
@@ -88,6 +94,8 @@ pub enum Trigger {
     Expiry,
     Unauthorized,
     Manual,
+    /// A new refresh token from the console's authorization flow.
+    Authorization,
 }
 
 impl Trigger {
@@ -97,6 +105,7 @@ impl Trigger {
             Trigger::Expiry => "expiry",
             Trigger::Unauthorized => "unauthorized",
             Trigger::Manual => "manual",
+            Trigger::Authorization => "authorization",
         }
     }
 }
@@ -216,6 +225,7 @@ pub struct Provider {
     store: Arc<StoreHandle>,
     metrics: ProviderMetrics,
     audit: Option<AuditSink>,
+    events: Arc<TokenEvents>,
     fingerprint: String,
     refreshes_ok: AtomicU64,
     refreshes_failed: AtomicU64,
@@ -249,6 +259,8 @@ pub struct ProviderDeps {
     pub shutdown: CancellationToken,
     /// `[outbound]`: token endpoints go through the egress proxy too.
     pub proxy: crate::egress::EgressProxy,
+    /// The console's ring of recent token events.
+    pub events: Arc<TokenEvents>,
 }
 
 impl Provider {
@@ -271,9 +283,9 @@ impl Provider {
                         .map_err(|e| format!("token endpoint TLS: {e}"))?;
                 let seed = match &cfg.grant {
                     Grant::RefreshToken {
-                        initial_refresh_token,
+                        initial_refresh_token: Some(src),
                         ..
-                    } => Some(initial_refresh_token.load().map_err(|e| e.to_string())?),
+                    } => Some(src.load().map_err(|e| e.to_string())?),
                     _ => None,
                 };
                 (credential, Some(http), seed)
@@ -287,6 +299,7 @@ impl Provider {
             store: deps.store,
             metrics: deps.metrics,
             audit: deps.audit,
+            events: deps.events,
             fingerprint,
             cell: ArcSwapOption::empty(),
             state: Mutex::new(State {
@@ -611,7 +624,7 @@ impl Provider {
                     Retry::Never => {
                         st.reauth_required = true;
                         tracing::error!(provider = %self.name, error = %e,
-                            "refresh token rejected: reauthorization required")
+                            "reauthorization required")
                     }
                     Retry::Unneeded => {
                         tracing::warn!(provider = %self.name, trigger = trigger.as_str(),
@@ -628,24 +641,18 @@ impl Provider {
             error: error.clone(),
         });
         drop(st);
-        self.metrics.refresh(trigger.as_str(), outcome_str);
-        if let Some(audit) = &self.audit {
-            let (generation, expires_in_s) = match outcome {
-                Ok(t) => (Some(t.generation), t.expires_in(now).map(|d| d.as_secs())),
-                Err(_) => (self.current().map(|t| t.generation), None),
-            };
-            audit.token(TokenEvent {
-                ts: SystemTime::now(),
-                event: "token_refresh",
-                provider: self.name.clone(),
-                trigger: trigger.as_str(),
-                outcome: outcome_str,
-                generation,
-                expires_in_s,
-                duration_ms: elapsed.as_millis() as u64,
-                error,
-            });
-        }
+        let (generation, expires_in_s) = match outcome {
+            Ok(t) => (Some(t.generation), t.expires_in(now).map(|d| d.as_secs())),
+            Err(_) => (self.current().map(|t| t.generation), None),
+        };
+        self.record_event(
+            trigger,
+            outcome_str,
+            generation,
+            expires_in_s,
+            elapsed,
+            error,
+        );
         self.wake.notify_one();
     }
 
@@ -866,7 +873,7 @@ impl Provider {
         let refresh_token = self.state().refresh_token.clone();
         let grant = match (&self.cfg.grant, &refresh_token) {
             (Grant::RefreshToken { .. }, Some(rt)) => GrantRequest::RefreshToken(rt),
-            (Grant::RefreshToken { .. }, None) => return Err(TokenError::ReauthRequired),
+            (Grant::RefreshToken { .. }, None) => return Err(TokenError::NoRefreshToken),
             _ => GrantRequest::ClientCredentials,
         };
         let is_refresh = matches!(grant, GrantRequest::RefreshToken(_));
@@ -1183,7 +1190,9 @@ impl Provider {
     /// Fleet mode: the stored token changed (another replica's refresh) or the
     /// store is reachable again after an outage: converge with it.
     pub async fn on_store_change(self: &Arc<Self>) {
+        let before = self.current().map(|t| t.generation);
         let _ = self.reconcile(false).await;
+        self.adopted_after_reauthorization(before);
     }
 
     pub fn status(&self) -> ProviderStatus {

@@ -56,6 +56,8 @@ pub enum TokenError {
     ClientSetup(String),
     #[error("reauthorization required: the refresh token was rejected (invalid_grant); provide a new one and reload")]
     ReauthRequired,
+    #[error("reauthorization required: no refresh token yet; authorize the provider from the admin console")]
+    NoRefreshToken,
     #[error("gave up waiting for the token request")]
     Abandoned,
     #[error("the token endpoint returned the token the upstream had just rejected")]
@@ -89,7 +91,7 @@ impl TokenError {
             } if *status >= 500 || *status == 429 || *status == 408 => {
                 Retry::Transient(*retry_after)
             }
-            TokenError::ReauthRequired => Retry::Never,
+            TokenError::ReauthRequired | TokenError::NoRefreshToken => Retry::Never,
             TokenError::Unchanged => Retry::Unneeded,
             // The status says "later" whatever the body calls it (a 429 may carry
             // `slow_down`, a 503 `temporarily_unavailable`): back off as told.
@@ -122,6 +124,7 @@ impl TokenError {
             TokenError::InvalidResponse(_) => "invalid_response".into(),
             TokenError::ClientSetup(_) => "client_setup".into(),
             TokenError::ReauthRequired => "invalid_grant".into(),
+            TokenError::NoRefreshToken => "no_refresh_token".into(),
             TokenError::Abandoned => "abandoned".into(),
             TokenError::Unchanged => "token_unchanged".into(),
         }
@@ -144,6 +147,13 @@ pub struct TokenResponse {
 pub enum GrantRequest<'a> {
     ClientCredentials,
     RefreshToken(&'a Secret),
+    /// RFC 6749 §4.1.3 with RFC 7636 §4.5: the code the browser brought back, the
+    /// PKCE verifier, and the redirect URI the authorization request named.
+    AuthorizationCode {
+        code: &'a Secret,
+        verifier: &'a Secret,
+        redirect_uri: &'a str,
+    },
 }
 
 /// The client's credential, loaded once when the provider is built.
@@ -259,6 +269,7 @@ fn build_form(
     grant: GrantRequest<'_>,
 ) -> Result<(zeroize::Zeroizing<String>, Option<String>), TokenError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
+    let is_code = matches!(grant, GrantRequest::AuthorizationCode { .. });
     match grant {
         GrantRequest::ClientCredentials => {
             form.append_pair("grant_type", "client_credentials");
@@ -267,8 +278,19 @@ fn build_form(
             form.append_pair("grant_type", "refresh_token");
             form.append_pair("refresh_token", rt.expose());
         }
+        GrantRequest::AuthorizationCode {
+            code,
+            verifier,
+            redirect_uri,
+        } => {
+            form.append_pair("grant_type", "authorization_code");
+            form.append_pair("code", code.expose());
+            form.append_pair("redirect_uri", redirect_uri);
+            form.append_pair("code_verifier", verifier.expose());
+        }
     }
-    if let Some(scope) = &client.scope {
+    // The code already carries the scope granted in the browser (RFC 6749 §4.1.3).
+    if let (Some(scope), false) = (&client.scope, is_code) {
         form.append_pair("scope", scope);
     }
     if let Some(aud) = &client.audience {

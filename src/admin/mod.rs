@@ -1,5 +1,7 @@
-//! The admin listener (DESIGN.md, "Admin listener"): `/healthz`, `/readyz`,
-//! `/status`, `/metrics`. Never a secret in any answer.
+//! The admin listener (DESIGN.md, "Admin listener" and "Operator console"):
+//! `/healthz`, `/readyz`, `/status`, `/metrics`, the console page (`/`) and its
+//! events (`/events`), and the console's actions: a forced refresh and the
+//! reauthorization flow. Never a secret in any answer.
 
 use std::sync::Arc;
 
@@ -8,16 +10,71 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::forward::body::GatewayBody;
+use crate::forward::ConnInfo;
 use crate::gateway::Gateway;
 
-pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBody> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "method_not_allowed"}),
-        );
+mod actions;
+mod console;
+mod guard;
+mod reauth;
+
+/// What the admin listener keeps besides the gateway: the actions' key, when it
+/// started, and the reauthorizations under way.
+#[derive(Debug)]
+pub struct Console {
+    key: Option<crate::secret::Secret>,
+    started: std::time::SystemTime,
+    started_mono: std::time::Instant,
+    pending: reauth::Pending,
+}
+
+impl Console {
+    /// Loads `[admin] key_env`/`key_file` now: a missing key stops the start-up.
+    pub fn new(admin: &crate::config::Admin) -> Result<Arc<Self>, String> {
+        let key = match &admin.key {
+            Some(src) => Some(src.load().map_err(|e| format!("admin.key: {e}"))?),
+            None => None,
+        };
+        Ok(Arc::new(Self {
+            key,
+            started: std::time::SystemTime::now(),
+            started_mono: std::time::Instant::now(),
+            pending: reauth::Pending::default(),
+        }))
     }
-    match req.uri().path() {
+}
+
+pub async fn serve<B>(
+    gw: &Arc<Gateway>,
+    console: &Console,
+    conn: &ConnInfo,
+    req: Request<B>,
+) -> Response<GatewayBody> {
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/providers/") {
+        return match rest.split_once('/') {
+            Some((name, "refresh")) if req.method() == Method::POST => {
+                actions::refresh(gw, console, conn, &req, name).await
+            }
+            Some((name, "authorize")) if req.method() == Method::GET => {
+                reauth::authorize(gw, console, conn, &req, name)
+            }
+            Some((_, "refresh" | "authorize")) => method_not_allowed(),
+            _ => not_found(),
+        };
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return method_not_allowed();
+    }
+    if reauth::is_callback_path(gw, path) {
+        return reauth::callback(gw, console, &req).await;
+    }
+    match path {
+        "/" => console::page(gw, console),
+        "/events" => json(
+            StatusCode::OK,
+            serde_json::to_value(gw.events.oldest_first()).unwrap_or_default(),
+        ),
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => readyz(gw),
         "/status" => status(gw),
@@ -35,14 +92,25 @@ pub async fn serve<B>(gw: &Arc<Gateway>, req: Request<B>) -> Response<GatewayBod
             );
             resp
         }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found"}),
-        ),
+        _ => not_found(),
     }
 }
 
-fn store_state(gw: &Gateway) -> &'static str {
+fn not_found() -> Response<GatewayBody> {
+    json(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({"error": "not_found"}),
+    )
+}
+
+fn method_not_allowed() -> Response<GatewayBody> {
+    json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({"error": "method_not_allowed"}),
+    )
+}
+
+pub(crate) fn store_state(gw: &Gateway) -> &'static str {
     if gw.store.is_failing() {
         "failing"
     } else {

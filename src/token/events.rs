@@ -1,0 +1,142 @@
+//! The console's memory of recent token events: the last `EVENTS_KEPT` of what the
+//! audit log records as `token_refresh`, fed where each event is produced. Events
+//! are rare (one per token request), so a small mutex is fine here; the request
+//! path never touches it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::{Provider, Trigger};
+use crate::audit::TokenEvent;
+
+/// How many token events the console keeps.
+pub const EVENTS_KEPT: usize = 50;
+
+/// One token event, with the audit log's token-event fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenEventRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub event: &'static str,
+    pub provider: Arc<str>,
+    pub trigger: &'static str,
+    pub outcome: &'static str,
+    pub generation: Option<u64>,
+    pub expires_in_s: Option<u64>,
+    pub duration_ms: u64,
+    /// OAuth error code or failure kind; never a token, secret or IdP body.
+    pub error: Option<String>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// A bounded ring of the newest token events, shared by every provider across
+/// reloads.
+#[derive(Debug, Default)]
+pub struct TokenEvents {
+    ring: Mutex<VecDeque<TokenEventRecord>>,
+}
+
+impl TokenEvents {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn push(&self, ev: TokenEventRecord) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.len() == EVENTS_KEPT {
+            ring.pop_front();
+        }
+        ring.push_back(ev);
+    }
+
+    /// The events kept, newest first.
+    pub fn newest_first(&self) -> Vec<TokenEventRecord> {
+        let mut v = self.oldest_first();
+        v.reverse();
+        v
+    }
+
+    /// The events kept, in the order they happened (as in the audit log).
+    pub fn oldest_first(&self) -> Vec<TokenEventRecord> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter().cloned().collect()
+    }
+}
+
+impl Provider {
+    /// Reports one token event: metrics, the console's ring, the audit log.
+    pub(super) fn record_event(
+        &self,
+        trigger: Trigger,
+        outcome: &'static str,
+        generation: Option<u64>,
+        expires_in_s: Option<u64>,
+        elapsed: Duration,
+        error: Option<String>,
+    ) {
+        self.metrics.refresh(trigger.as_str(), outcome);
+        let ev = TokenEventRecord {
+            ts: SystemTime::now(),
+            event: "token_refresh",
+            provider: self.name.clone(),
+            trigger: trigger.as_str(),
+            outcome,
+            generation,
+            expires_in_s,
+            duration_ms: elapsed.as_millis() as u64,
+            error,
+        };
+        if let Some(audit) = &self.audit {
+            audit.token(TokenEvent {
+                ts: ev.ts,
+                event: ev.event,
+                provider: ev.provider.clone(),
+                trigger: ev.trigger,
+                outcome: ev.outcome,
+                generation: ev.generation,
+                expires_in_s: ev.expires_in_s,
+                duration_ms: ev.duration_ms,
+                error: ev.error.clone(),
+            });
+        }
+        self.events.push(ev);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ev(n: u64) -> TokenEventRecord {
+        TokenEventRecord {
+            ts: SystemTime::now(),
+            event: "token_refresh",
+            provider: Arc::from("p"),
+            trigger: "manual",
+            outcome: "ok",
+            generation: Some(n),
+            expires_in_s: None,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_fifty() {
+        let ring = TokenEvents::default();
+        for n in 1..=60 {
+            ring.push(ev(n));
+        }
+        let kept = ring.newest_first();
+        assert_eq!(kept.len(), EVENTS_KEPT);
+        assert_eq!(kept.first().unwrap().generation, Some(60));
+        assert_eq!(kept.last().unwrap().generation, Some(11));
+    }
+}

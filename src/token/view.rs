@@ -1,0 +1,106 @@
+//! What the operator console shows of one provider: its state in words, and the
+//! numbers behind it. Read from the cell and the refresh bookkeeping; never a
+//! secret.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{LastRefresh, Provider};
+
+/// A provider's state as the console names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderState {
+    Ready,
+    Refreshing,
+    Failing,
+    Expired,
+    ReauthorizationRequired,
+}
+
+impl ProviderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderState::Ready => "ready",
+            ProviderState::Refreshing => "refreshing",
+            ProviderState::Failing => "failing",
+            ProviderState::Expired => "expired",
+            ProviderState::ReauthorizationRequired => "reauthorization required",
+        }
+    }
+
+    /// Whether only a person can get the provider out of this state soon.
+    pub fn needs_attention(self) -> bool {
+        matches!(
+            self,
+            ProviderState::Failing | ProviderState::ReauthorizationRequired
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderView {
+    pub grant: &'static str,
+    pub state: ProviderState,
+    pub generation: Option<u64>,
+    /// `None`: no token, or one used until a 401.
+    pub expires_in: Option<Duration>,
+    /// When the next token request is planned (proactive refresh or retry).
+    pub next_refresh_in: Option<Duration>,
+    pub last: Option<LastRefresh>,
+    pub refreshes_ok: u64,
+    pub refreshes_failed: u64,
+    pub waiters: u64,
+    /// Whether the console can start a reauthorization (`authorize_url` is set).
+    pub authorizable: bool,
+}
+
+impl Provider {
+    pub fn view(&self) -> ProviderView {
+        let now = Instant::now();
+        let token = self.current();
+        let st = self.state();
+        let valid = token.as_ref().is_some_and(|t| t.is_valid(now));
+        let state = if st.reauth_required {
+            ProviderState::ReauthorizationRequired
+        } else if st.failures > 0 {
+            ProviderState::Failing
+        } else if st.flight.is_some() {
+            ProviderState::Refreshing
+        } else if !valid {
+            ProviderState::Expired
+        } else {
+            ProviderState::Ready
+        };
+        // The refresher adds up to a tenth of the margin as jitter: this is the
+        // latest it will start.
+        let next_refresh_in = if self.is_static() || st.reauth_required || st.flight.is_some() {
+            None
+        } else if let Some(at) = st.retry_at {
+            Some(at.saturating_duration_since(now))
+        } else {
+            token
+                .as_ref()
+                .and_then(|t| match (t.expires_at, t.lifetime) {
+                    (Some(exp), Some(life)) => Some(
+                        exp.checked_sub(self.margin(life))
+                            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
+                    ),
+                    _ => None,
+                })
+        };
+        ProviderView {
+            grant: self.cfg.grant_kind().as_str(),
+            state,
+            generation: token.as_ref().map(|t| t.generation),
+            expires_in: token.as_ref().and_then(|t| t.expires_in(now)),
+            next_refresh_in,
+            last: st.last.clone(),
+            refreshes_ok: self.refreshes_ok.load(Ordering::Relaxed),
+            refreshes_failed: self.refreshes_failed.load(Ordering::Relaxed),
+            waiters: self.metrics.waiters_total(),
+            authorizable: self.cfg.authorize().is_some(),
+        }
+    }
+}
