@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn s256_matches_rfc7636_appendix_b() {
         assert_eq!(
-            pkce_challenge("dBjftJeZ4CVP-mJ92K9JlebIZ1lnsG8eTCkBt36ctdCM"),
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
