@@ -712,7 +712,24 @@ fn parse_error_answer(data: &[u8]) -> Option<Vec<u8>> {
         b"431" | b"414" => ProxyError::HeadersTooLarge,
         _ => return None,
     };
+    // A small response body is done (and its request counted finished) before
+    // hyper writes the head, so "no request in flight" also fits the service's
+    // own answers; those always name their content type, hyper's never do.
+    if has_content_type(data) {
+        return None;
+    }
     Some(closing_answer(&err, None))
+}
+
+/// Whether the response head at the start of `data` has a `content-type` field.
+fn has_content_type(data: &[u8]) -> bool {
+    let head_end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(data.len());
+    data[..head_end]
+        .split(|b| *b == b'\n')
+        .any(|line| line.len() > 13 && line[..13].eq_ignore_ascii_case(b"content-type:"))
 }
 
 impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
@@ -936,7 +953,21 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::Drain;
+    use super::{parse_error_answer, Drain};
+
+    #[test]
+    fn only_hypers_own_bare_answers_become_the_contract_error() {
+        // hyper's answer to a head it could not parse: no content type.
+        assert!(
+            parse_error_answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").is_some()
+        );
+        // The service's own 400 (a page, a JSON error) goes out as it is.
+        assert!(parse_error_answer(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html; charset=utf-8\r\ncontent-length: 5\r\n\r\nhello"
+        )
+        .is_none());
+        assert!(parse_error_answer(b"HTTP/1.1 200 OK\r\n\r\n").is_none());
+    }
 
     #[tokio::test]
     async fn the_drain_flag_is_set_by_the_time_its_waiters_wake() {

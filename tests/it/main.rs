@@ -3,7 +3,9 @@
 
 mod support;
 
+mod browser;
 mod config_errors;
+mod console;
 mod fleet;
 mod forward;
 mod ops;

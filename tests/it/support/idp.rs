@@ -1,5 +1,9 @@
 //! A mock OAuth token endpoint that counts requests and can expire, revoke,
 //! delay, fail and rotate. Tokens are `tok-<n>`; the upstream asks `is_valid`.
+//! `/authorize` is an authorization endpoint that consents at once: it sends the
+//! browser back with a code (or the error set by `refuse_authorization`), and the
+//! token endpoint redeems that code once, only with the PKCE verifier whose S256
+//! challenge came with it (RFC 7636 §4.6).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -63,6 +67,21 @@ pub struct IdpState {
     pub seen: Mutex<Vec<SeenRequest>>,
     pub expected_basic: Mutex<Option<String>>,
     pub jwt_key: Mutex<Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm)>>,
+    /// Codes issued by `/authorize` and not redeemed yet.
+    codes: Mutex<HashMap<String, IssuedCode>>,
+    /// The query of every `/authorize` request.
+    pub authorize_seen: Mutex<Vec<Vec<(String, String)>>>,
+    /// `/authorize` answers with this `error` instead of a code.
+    pub authorize_error: Mutex<Option<String>>,
+    /// Codes redeemed with the right verifier.
+    pub codes_redeemed: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct IssuedCode {
+    challenge: String,
+    redirect_uri: String,
+    client_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +115,10 @@ impl MockIdp {
             seen: Mutex::new(Vec::new()),
             expected_basic: Mutex::new(None),
             jwt_key: Mutex::new(None),
+            codes: Mutex::new(HashMap::new()),
+            authorize_seen: Mutex::new(Vec::new()),
+            authorize_error: Mutex::new(None),
+            codes_redeemed: AtomicU64::new(0),
         });
         let st = state.clone();
         let addr = serve(move |req| {
@@ -108,6 +131,23 @@ impl MockIdp {
 
     pub fn token_url(&self) -> String {
         format!("http://{}/token", self.addr)
+    }
+
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}/authorize", self.addr)
+    }
+
+    /// `/authorize` sends the browser back with `error` instead of a code.
+    pub fn refuse_authorization(&self, error: Option<&str>) {
+        *self.state.authorize_error.lock().unwrap() = error.map(str::to_owned);
+    }
+
+    pub fn authorize_seen(&self) -> Vec<Vec<(String, String)>> {
+        self.state.authorize_seen.lock().unwrap().clone()
+    }
+
+    pub fn codes_redeemed(&self) -> u64 {
+        self.state.codes_redeemed.load(Ordering::SeqCst)
     }
 
     /// Token requests received so far.
@@ -183,7 +223,70 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<TestBody> {
     r
 }
 
+fn query_get<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+}
+
+/// RFC 7636 §4.2 S256, computed independently of the gateway's own code.
+pub fn s256(verifier: &str) -> String {
+    use base64::Engine as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
+}
+
+/// The authorization endpoint: checks the request, then redirects back at once.
+fn authorize(st: &IdpState, query: &str) -> Response<TestBody> {
+    let q: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    st.authorize_seen.lock().unwrap().push(q.clone());
+    let (Some(redirect_uri), Some(state)) = (query_get(&q, "redirect_uri"), query_get(&q, "state"))
+    else {
+        let mut r = Response::new(full("missing redirect_uri or state"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let mut back = form_urlencoded::Serializer::new(String::new());
+    let error = st.authorize_error.lock().unwrap().clone();
+    let valid = query_get(&q, "response_type") == Some("code")
+        && query_get(&q, "code_challenge_method") == Some("S256")
+        && query_get(&q, "code_challenge").is_some_and(|c| c.len() == 43)
+        && query_get(&q, "client_id").is_some();
+    match (error, valid) {
+        (Some(e), _) => {
+            back.append_pair("error", &e)
+                .append_pair("error_description", "the <user> said no & left");
+        }
+        (None, false) => {
+            back.append_pair("error", "invalid_request");
+        }
+        (None, true) => {
+            let code = format!("code-{}", rand::random::<u64>());
+            st.codes.lock().unwrap().insert(
+                code.clone(),
+                IssuedCode {
+                    challenge: query_get(&q, "code_challenge").unwrap().to_owned(),
+                    redirect_uri: redirect_uri.to_owned(),
+                    client_id: query_get(&q, "client_id").unwrap().to_owned(),
+                },
+            );
+            back.append_pair("code", &code);
+        }
+    }
+    back.append_pair("state", state);
+    let mut r = Response::new(full(""));
+    *r.status_mut() = StatusCode::FOUND;
+    r.headers_mut().insert(
+        "location",
+        format!("{redirect_uri}?{}", back.finish()).parse().unwrap(),
+    );
+    r
+}
+
 async fn handle(st: Arc<IdpState>, req: Request<hyper::body::Incoming>) -> Response<TestBody> {
+    if req.uri().path() == "/authorize" {
+        return authorize(&st, req.uri().query().unwrap_or(""));
+    }
     st.requests.fetch_add(1, Ordering::SeqCst);
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -267,6 +370,28 @@ async fn answer(st: &IdpState, req: Request<hyper::body::Incoming>) -> Response<
         }
     }
     let mut new_refresh = None;
+    if seen.get("grant_type") == Some("authorization_code") {
+        let issued = st
+            .codes
+            .lock()
+            .unwrap()
+            .remove(seen.get("code").unwrap_or_default());
+        let ok = issued.is_some_and(|c| {
+            Some(c.redirect_uri.as_str()) == seen.get("redirect_uri")
+                && seen.get("code_verifier").map(s256).as_deref() == Some(c.challenge.as_str())
+                && (seen.get("client_id").is_none_or(|id| id == c.client_id))
+        });
+        if !ok {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "invalid_grant"}),
+            );
+        }
+        st.codes_redeemed.fetch_add(1, Ordering::SeqCst);
+        let n = format!("rt-auth-{}", rand::random::<u32>());
+        st.refresh_tokens.lock().unwrap().insert(n.clone());
+        new_refresh = Some(n);
+    }
     if seen.get("grant_type") == Some("refresh_token") {
         let presented = seen.get("refresh_token").unwrap_or_default().to_owned();
         let mut rts = st.refresh_tokens.lock().unwrap();
