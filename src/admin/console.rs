@@ -134,6 +134,7 @@ header h1{margin:0;font-size:18px;font-weight:650;letter-spacing:.2px}
 header h1 span{color:#98a2b3;font-weight:400}
 header dl{display:flex;flex-wrap:wrap;gap:4px 22px;margin:0;font-size:12.5px;color:#d0d5dd}
 header dt{display:inline;color:#98a2b3}header dd{display:inline;margin:0 0 0 5px;color:#fff}
+header code{background:rgba(255,255,255,.12);color:#fff}
 main{padding:20px 28px 8px;max-width:1480px}
 h2{font-size:13px;text-transform:uppercase;letter-spacing:.06em;color:var(--muted);margin:26px 0 8px;font-weight:600}
 .attention{border:1px solid #fda29b;background:var(--badbg);border-radius:10px;padding:12px 16px;margin-bottom:6px}
@@ -148,11 +149,11 @@ h2{font-size:13px;text-transform:uppercase;letter-spacing:.06em;color:var(--mute
 .card .value{font-size:20px;font-weight:620;margin-top:2px;overflow-wrap:anywhere}
 .card .sub{font-size:12px;color:var(--muted)}
 table{width:100%;border-collapse:separate;border-spacing:0;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
-th,td{text-align:left;padding:8px 12px;border-bottom:1px solid var(--line);vertical-align:middle;white-space:nowrap}
+th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:middle;white-space:nowrap}
 tr:last-child td{border-bottom:0}
 th{background:#f9fafb;font-size:12px;color:var(--muted);font-weight:600}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.wrap{white-space:normal;overflow-wrap:anywhere}
+td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:180px}
 tr.needs td{background:#fffbfa}
 .name{font-weight:620}.small{font-size:12px;color:var(--muted)}
 code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:var(--mutedbg);padding:1px 5px;border-radius:4px}
@@ -161,7 +162,8 @@ code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background
 .badge.warn{color:var(--warn);background:var(--warnbg)}.badge.bad{color:var(--bad);background:var(--badbg)}
 .badge.muted{color:var(--muted);background:var(--mutedbg)}
 .good{color:var(--ok)}.bad{color:var(--bad)}.warntext{color:var(--warn)}
-.actions{display:flex;gap:6px;align-items:center}
+.actions{display:flex;gap:6px;align-items:center;flex-wrap:wrap}
+.scroll{overflow-x:auto;border-radius:10px}
 form{margin:0}
 button,.button{font:inherit;font-size:12.5px;padding:4px 11px;border-radius:6px;border:1px solid #d0d5dd;background:#fff;color:var(--ink);cursor:pointer;text-decoration:none;display:inline-block}
 button:hover,.button:hover{background:#f9fafb}
@@ -335,12 +337,12 @@ fn render(gw: &Gateway, console: &Console) -> String {
 
     h.push_str("<h2>Providers</h2>");
     if views.is_empty() {
-        h.push_str("<table><tr><td class=\"empty\">No providers configured.</td></tr></table>");
+        h.push_str("<div class=\"scroll\"><table><tr><td class=\"empty\">No providers configured.</td></tr></table></div>");
     } else {
         h.push_str(
-            "<table><tr><th>Provider</th><th>State</th><th class=\"num\">Generation</th>\
+            "<div class=\"scroll\"><table><tr><th>Provider</th><th>State</th><th class=\"num\">Generation</th>\
              <th>Expires in</th><th>Next refresh</th><th>Last refresh</th>\
-             <th class=\"num\">Refreshes ok / failed</th><th class=\"num\">Waiters</th><th>Actions</th></tr>",
+             <th class=\"num\">Refreshes<br>ok / failed</th><th class=\"num\">Waiters</th><th>Actions</th></tr>",
         );
         for (name, v) in &views {
             let expires = match (v.generation, v.expires_in) {
@@ -353,7 +355,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
             };
             let next = match (v.state, v.next_refresh_in) {
                 (ProviderState::ReauthorizationRequired, _) => {
-                    "<span class=\"small\">after reauthorization</span>".to_owned()
+                    "<span class=\"small\">&mdash;</span>".to_owned()
                 }
                 (ProviderState::Refreshing, _) => "<span class=\"small\">now</span>".to_owned(),
                 (_, Some(d)) => format!("in {}", duration(d)),
@@ -373,14 +375,17 @@ fn render(gw: &Gateway, console: &Console) -> String {
                         .map(|e| format!(" <code>{}</code>", esc(e)))
                         .unwrap_or_default();
                     format!(
-                        "{} {outcome}{error} <span class=\"small\">{}</span>",
+                        "{} {outcome}{error}<br><span class=\"small\">{}</span>",
                         esc(l.trigger.as_str()),
                         when(l.at, now)
                     )
                 }
             };
             let mut actions = String::new();
-            if v.grant != "static" {
+            // Without a working refresh token a refresh cannot help: only the
+            // reauthorization is offered then.
+            let reauth_only = v.authorizable && v.state == ProviderState::ReauthorizationRequired;
+            if v.grant != "static" && !reauth_only {
                 actions.push_str(&refresh_form(name));
             }
             if v.authorizable {
@@ -390,7 +395,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
                 h,
                 "<tr{row}><td><span class=\"name\">{n}</span><br><span class=\"small\">{grant}</span></td>\
                  <td data-state=\"{state}\">{badge}</td><td class=\"num\">{generation}</td>\
-                 <td>{expires}</td><td>{next}</td><td>{last}</td>\
+                 <td>{expires}</td><td>{next}</td><td class=\"wrap\">{last}</td>\
                  <td class=\"num\">{ok} / {failed}</td><td class=\"num\">{waiters}</td>\
                  <td><div class=\"actions\">{actions}</div></td></tr>",
                 row = if v.state.needs_attention() { " class=\"needs\"" } else { "" },
@@ -404,7 +409,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
                 waiters = v.waiters,
             );
         }
-        h.push_str("</table>");
+        h.push_str("</table></div>");
     }
 
     h.push_str("<h2>Routes</h2>");
@@ -412,7 +417,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
         h.push_str("<table><tr><td class=\"empty\">No routes configured.</td></tr></table>");
     } else {
         h.push_str(
-            "<table><tr><th>Route</th><th>Prefix</th><th>Upstream</th><th>Provider</th>\
+            "<div class=\"scroll\"><table><tr><th>Route</th><th>Prefix</th><th>Upstream</th><th>Provider</th>\
              <th class=\"num\">Requests</th><th class=\"num\">4xx</th><th class=\"num\">5xx</th>\
              <th class=\"num\">Replays</th><th class=\"num\">p99</th></tr>",
         );
@@ -440,7 +445,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
                 s.replays,
             );
         }
-        h.push_str("</table>");
+        h.push_str("</table></div>");
     }
 
     let events = gw.events.newest_first();
@@ -449,7 +454,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
         h.push_str("<table><tr><td class=\"empty\">No token events yet.</td></tr></table>");
     } else {
         h.push_str(
-            "<table><tr><th>Time (UTC)</th><th>Provider</th><th>Trigger</th><th>Outcome</th>\
+            "<div class=\"scroll\"><table><tr><th>Time (UTC)</th><th>Provider</th><th>Trigger</th><th>Outcome</th>\
              <th class=\"num\">Generation</th><th class=\"num\">Expires in</th>\
              <th class=\"num\">Duration</th><th>Error</th></tr>",
         );
@@ -468,7 +473,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
                 e.error.as_deref().map_or(String::new(), |c| format!("<code>{}</code>", esc(c))),
             );
         }
-        h.push_str("</table>");
+        h.push_str("</table></div>");
     }
 
     let _ = write!(
