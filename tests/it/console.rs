@@ -666,3 +666,57 @@ async fn authorize_settings_are_checked_like_the_rest_of_the_config() {
         );
     }
 }
+
+#[tokio::test]
+async fn replicas_adopt_a_reauthorization_through_the_store() {
+    let Ok(url) = std::env::var("AUTHGATE_TEST_DATABASE_URL") else {
+        println!("skipped: AUTHGATE_TEST_DATABASE_URL not set");
+        return;
+    };
+    std::env::set_var("CONSOLE_DATABASE_URL", &url);
+    let prefix = format!("t_{:016x}", rand::random::<u64>());
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let toml = config(&idp, &up, OPEN_ADMIN).replace(
+        "kind = \"file\"\npath = \"{dir}/state/tokens.json\"",
+        &format!(
+            "kind = \"postgres\"\nurl_env = \"CONSOLE_DATABASE_URL\"\ntable_prefix = \"{prefix}\"\npoll_interval = \"500ms\""
+        ),
+    );
+    let a = TestGateway::start(&toml).await;
+    let b = TestGateway::start(&toml).await;
+    settled(&a).await;
+    settled(&b).await;
+    // Authorized on replica a...
+    let c = Client::new();
+    let to_idp = location(&c.get(&a.admin_url("/providers/erp/authorize")).await);
+    let callback = location(&c.get(&to_idp).await);
+    assert_eq!(c.get(&callback).await.status, StatusCode::OK);
+    // ...replica b adopts the stored token and its refresh token.
+    let erp = b.provider("erp");
+    until("replica b adopts the authorization", || {
+        let ok = erp.is_ready() && !erp.status().reauth_required;
+        async move { ok }
+    })
+    .await;
+    assert_eq!(erp.current().unwrap().generation, 1);
+    assert_eq!(c.get(&b.url("/erp/x")).await.status, StatusCode::OK);
+    assert_eq!(c.get(&b.admin_url("/readyz")).await.status, StatusCode::OK);
+    // And it can refresh with it: the refresher runs again.
+    let reply = c
+        .send(Method::POST, &b.admin_url("/providers/erp/refresh"), &[], "")
+        .await;
+    assert_eq!(reply.json()["outcome"], "ok", "{}", reply.text());
+    assert_eq!(idp.codes_redeemed(), 1);
+    drop((a, b));
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS \"{prefix}_tokens\", \"{prefix}_schema\""
+        ))
+        .await
+        .unwrap();
+}
