@@ -704,7 +704,12 @@ async fn replicas_adopt_a_reauthorization_through_the_store() {
     assert_eq!(c.get(&b.admin_url("/readyz")).await.status, StatusCode::OK);
     // And it can refresh with it: the refresher runs again.
     let reply = c
-        .send(Method::POST, &b.admin_url("/providers/erp/refresh"), &[], "")
+        .send(
+            Method::POST,
+            &b.admin_url("/providers/erp/refresh"),
+            &[],
+            "",
+        )
         .await;
     assert_eq!(reply.json()["outcome"], "ok", "{}", reply.text());
     assert_eq!(idp.codes_redeemed(), 1);
