@@ -52,12 +52,18 @@ pub async fn serve<B>(
 ) -> Response<GatewayBody> {
     let path = req.uri().path();
     if let Some(rest) = path.strip_prefix("/providers/") {
+        // The page writes provider names percent-encoded, as one path segment.
+        let decode = |name: &str| {
+            percent_encoding::percent_decode_str(name)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         return match rest.split_once('/') {
             Some((name, "refresh")) if req.method() == Method::POST => {
-                actions::refresh(gw, console, conn, &req, name).await
+                actions::refresh(gw, console, conn, &req, &decode(name)).await
             }
             Some((name, "authorize")) if req.method() == Method::GET => {
-                reauth::authorize(gw, console, conn, &req, name)
+                reauth::authorize(gw, console, conn, &req, &decode(name))
             }
             Some((_, "refresh" | "authorize")) => method_not_allowed(),
             _ => not_found(),

@@ -286,7 +286,12 @@ async fn events_are_served_as_json_with_the_audit_fields() {
 async fn forced_refresh_makes_a_new_generation_and_a_manual_event() {
     let idp = MockIdp::start().await;
     let up = MockUpstream::start().await;
-    let gw = TestGateway::start(&config(&idp, &up, OPEN_ADMIN)).await;
+    let mut toml = config(&idp, &up, OPEN_ADMIN);
+    toml.push_str(&format!(
+        "\n[providers.\"hr team/x\"]\ngrant = \"client_credentials\"\ntoken_url = \"{}\"\nclient_id = \"hr\"\nclient_secret_env = \"CONSOLE_CLIENT_SECRET\"\n",
+        idp.token_url()
+    ));
+    let gw = TestGateway::start(&toml).await;
     settled(&gw).await;
     let crm = gw.provider("crm");
     let before = crm.current().unwrap().generation;
@@ -330,6 +335,18 @@ async fn forced_refresh_makes_a_new_generation_and_a_manual_event() {
         html.contains("<td class=\"name\">crm</td><td>manual</td>"),
         "{html}"
     );
+    // The page's form targets work for every provider name.
+    let forms: Vec<&str> = html
+        .split("action=\"")
+        .skip(1)
+        .filter_map(|a| a.split('"').next())
+        .collect();
+    assert!(forms.contains(&"/providers/crm/refresh"), "{forms:?}");
+    let odd = "/providers/hr%20team%2Fx/refresh";
+    assert!(forms.contains(&odd), "{forms:?}");
+    let reply = c.send(Method::POST, &gw.admin_url(odd), &[], "").await;
+    assert_eq!(reply.json()["outcome"], "ok", "{}", reply.text());
+    assert_eq!(reply.json()["provider"], "hr team/x");
     // Unknown providers and static credentials have nothing to refresh.
     let reply = c
         .send(
