@@ -80,8 +80,7 @@ impl AtomicHistogram {
 
 impl AtomicHistogram {
     /// The `q` quantile, interpolated within its bucket the way Prometheus'
-    /// `histogram_quantile` does. `None` without observations; `Some(None)`-like
-    /// overflow (above the last bound) reads as the last bound.
+    /// `histogram_quantile` does; `None` without observations.
     pub fn quantile(&self, q: f64) -> Option<Quantile> {
         let count = self.0.count.load(Ordering::Relaxed);
         if count == 0 {
@@ -492,5 +491,41 @@ impl ProviderMetrics {
 
     pub fn proxy_auth_failure(&self) {
         self.metrics.proxy_auth_failures.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_summary_counts_statuses_replays_and_p99() {
+        let metrics = Metrics::new();
+        let route = metrics.route("r");
+        for _ in 0..98 {
+            route.observe(200, Duration::from_micros(500));
+        }
+        route.observe(404, Duration::from_millis(3));
+        route.observe(503, Duration::from_secs(60));
+        route.replay(ReplayOutcome::Ok);
+        route.replay(ReplayOutcome::Skipped);
+        let s = route.summary();
+        assert_eq!(
+            (s.requests, s.client_errors, s.server_errors, s.replays),
+            (100, 1, 1, 1)
+        );
+        // The 99th of 100 falls in the (2.5 ms, 5 ms] bucket.
+        match s.p99 {
+            Some(Quantile::Within(d)) => {
+                assert!(
+                    d > Duration::from_micros(2500) && d <= Duration::from_millis(5),
+                    "{d:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A reload builds new handles; the counts carry over.
+        assert_eq!(metrics.route("r").summary().requests, 100);
+        assert_eq!(Metrics::new().route("r").summary().p99, None);
     }
 }
