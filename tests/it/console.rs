@@ -742,3 +742,21 @@ async fn replicas_adopt_a_reauthorization_through_the_store() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_failing_store_stands_out_at_the_top() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    // The store's folder would be inside a file: unusable, even for root.
+    let toml = config(&idp, &up, OPEN_ADMIN).replace(
+        "{dir}/state/tokens.json",
+        "{dir}/proxy.toml/state/tokens.json",
+    );
+    let gw = TestGateway::start(&toml).await;
+    settled(&gw).await;
+    assert!(gw.app().gateway.store.is_failing());
+    let html = Client::new().get(&gw.admin_url("/")).await.text();
+    let top = &html[..html.find("<h2>Providers</h2>").unwrap()];
+    assert!(top.contains("store failing"), "{top}");
+    assert!(top.contains("token store is failing"), "{top}");
+}
