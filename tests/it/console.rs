@@ -444,6 +444,7 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn reauthorization_round_trip_with_pkce() {
+    let logs = crate::support::captured_logs();
     let idp = MockIdp::start_with(true).await;
     let up = MockUpstream::with_idp(&idp).await;
     let gw = TestGateway::start(&config(&idp, &up, OPEN_ADMIN)).await;
@@ -548,6 +549,24 @@ async fn reauthorization_round_trip_with_pkce() {
     assert_eq!(again.status, StatusCode::BAD_REQUEST);
     assert_eq!(idp.codes_redeemed(), 1);
     assert_no_secret(&again.text(), &idp);
+
+    // Neither the code, the state, the verifier nor a token reached the log.
+    let back = query(&callback);
+    let mut never = vec![
+        param(&back, "code").unwrap().to_owned(),
+        param(&back, "state").unwrap().to_owned(),
+        exchange.get("code_verifier").unwrap().to_owned(),
+        erp.current().unwrap().access_token.expose().to_owned(),
+    ];
+    never.extend(idp.current_refresh_tokens());
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("provider authorized"),
+        "the log was not captured"
+    );
+    for secret in never {
+        assert!(!logged.contains(&secret), "{secret:?} was logged");
+    }
 }
 
 #[tokio::test]
