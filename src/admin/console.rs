@@ -227,7 +227,18 @@ fn render(gw: &Gateway, console: &Console) -> String {
         .collect();
     let store_kind = gw.store.store.kind();
     let store_failing = gw.store.is_failing();
-    let (proxy, proxy_from) = egress(&snap.config.outbound);
+    let (proxy, mut proxy_from) = egress(&snap.config.outbound);
+    if proxy != "direct" {
+        let _ = write!(
+            proxy_from,
+            " · auth {}",
+            snap.config.outbound.proxy_auth.as_str()
+        );
+        let failures = gw.metrics.proxy_auth_failures().get();
+        if failures > 0 {
+            let _ = write!(proxy_from, " · {failures} authentication failures");
+        }
+    }
     let mut h = String::with_capacity(16 * 1024);
 
     let _ = write!(

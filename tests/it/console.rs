@@ -779,3 +779,22 @@ async fn a_failing_store_stands_out_at_the_top() {
     assert!(top.contains("store failing"), "{top}");
     assert!(top.contains("token store is failing"), "{top}");
 }
+
+#[tokio::test]
+async fn the_egress_proxy_in_use_is_shown_without_credentials() {
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::start().await;
+    let toml = format!(
+        "{}\n[outbound]\nproxy = \"http://proxyuser:proxy-pass-never-shown@127.0.0.1:3128\"\nno_proxy = [\"127.0.0.1\"]\n",
+        config(&idp, &up, OPEN_ADMIN)
+    );
+    let gw = TestGateway::start(&toml).await;
+    settled(&gw).await;
+    let html = Client::new().get(&gw.admin_url("/")).await.text();
+    let card = &html[html.find("Egress proxy").unwrap()..];
+    let card = &card[..card.find("</div></div>").unwrap()];
+    assert!(card.contains("http://127.0.0.1:3128/"), "{card}");
+    assert!(card.contains("[outbound] proxy"), "{card}");
+    assert!(!html.contains("proxy-pass-never-shown"));
+    assert!(!html.contains("proxyuser"));
+}
