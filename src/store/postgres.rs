@@ -39,6 +39,33 @@ use super::crypto::Cipher;
 use super::{RefreshLease, StoreError, StoreFuture, StoredToken, TokenStore};
 use crate::secret::Secret;
 
+/// A secret as a query parameter. tokio-postgres logs every parameter's `Debug`
+/// at debug level (`tokio_postgres::query`): this one prints a placeholder, so a
+/// `RUST_LOG=debug` never writes a token to the log.
+struct SecretParam<'a>(&'a str);
+
+impl std::fmt::Debug for SecretParam<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl tokio_postgres::types::ToSql for SecretParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <&str as tokio_postgres::types::ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// Schema version this build writes. A database at a newer version is refused rather
 /// than misread.
 const SCHEMA_VERSION: i32 = 1;
@@ -312,8 +339,8 @@ impl PostgresStore {
                         sql.as_str(),
                         &[
                             &provider,
-                            &access.as_str(),
-                            &refresh.as_ref().map(|r| r.as_str()),
+                            &SecretParam(access.as_str()),
+                            &refresh.as_ref().map(|r| SecretParam(r.as_str())),
                             &token.token_type,
                             &token.scope,
                             &token.expires_at_unix,

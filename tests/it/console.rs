@@ -710,6 +710,7 @@ async fn replicas_adopt_a_reauthorization_through_the_store() {
         return;
     };
     std::env::set_var("CONSOLE_DATABASE_URL", &url);
+    let logs = crate::support::captured_logs();
     let prefix = format!("t_{:016x}", rand::random::<u64>());
     let idp = MockIdp::start_with(true).await;
     let up = MockUpstream::with_idp(&idp).await;
@@ -749,6 +750,18 @@ async fn replicas_adopt_a_reauthorization_through_the_store() {
         .await;
     assert_eq!(reply.json()["outcome"], "ok", "{}", reply.text());
     assert_eq!(idp.codes_redeemed(), 1);
+    // Written to the database, never to the log (tokio-postgres logs query
+    // parameters at debug level).
+    let mut never: Vec<String> = idp.current_refresh_tokens();
+    never.push(erp.current().unwrap().access_token.expose().to_owned());
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("executing statement"),
+        "tokio-postgres not captured"
+    );
+    for secret in never {
+        assert!(!logged.contains(&secret), "{secret:?} was logged");
+    }
     drop((a, b));
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
