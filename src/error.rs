@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::forward::body::GatewayBody;
+use crate::body::GatewayBody;
 
 /// Why the gateway answered instead of the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,7 @@ impl ProxyError {
             // The one cause worth naming to the caller: only the operator can fix
             // it, and the message carries schemes, never an account.
             ProxyError::UpstreamUnreachable(cause) => {
-                match find_in_chain::<crate::egress::ProxyAuthError>(cause.as_ref()) {
+                match find_in_chain::<crate::outbound::egress::ProxyAuthError>(cause.as_ref()) {
                     Some(auth) => format!("the upstream could not be reached: {auth}"),
                     None => "the upstream could not be reached".to_owned(),
                 }

@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::AuditSink;
 use crate::caller::Callers;
 use crate::config::{Config, RouteConfig, UpstreamTls};
-use crate::egress::EgressProxy;
-use crate::forward::client::{self, Connector};
-use crate::forward::pool::Upstream;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::outbound::client::{self, Connector};
+use crate::outbound::egress::EgressProxy;
+use crate::outbound::pool::Upstream;
 use crate::route::RouteTable;
 use crate::token::{Provider, ProviderDeps, StoreHandle, TokenEvents};
 

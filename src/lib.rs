@@ -8,14 +8,16 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod body;
 pub mod caller;
 pub mod config;
 pub mod demo;
-pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod gateway;
+pub mod headers;
 pub mod metrics;
+pub mod outbound;
 pub mod route;
 pub mod secret;
 pub mod server;

@@ -248,7 +248,7 @@ async fn token(config: Config, name: String, reveal: bool) -> ExitCode {
         audit: None,
         shutdown: tokio_util::sync::CancellationToken::new(),
         events: authgate::token::TokenEvents::new(),
-        proxy: match authgate::egress::EgressProxy::from_config(&config.outbound) {
+        proxy: match authgate::outbound::egress::EgressProxy::from_config(&config.outbound) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("{}: {e}", config.path.display());

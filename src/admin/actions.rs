@@ -10,9 +10,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use super::guard::{guard, Asker, Refusal};
 use super::{json, Console};
-use crate::forward::body::GatewayBody;
-use crate::forward::ConnInfo;
+use crate::body::GatewayBody;
 use crate::gateway::Gateway;
+use crate::server::ConnInfo;
 use crate::token::Trigger;
 
 /// How long a forced refresh is waited for before the answer goes back.

@@ -12,7 +12,7 @@ use http::{HeaderValue, Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::Console;
-use crate::forward::body::GatewayBody;
+use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::metrics::Quantile;
 use crate::token::{ProviderState, ProviderView};

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::forward::body::GatewayBody;
-use crate::forward::ConnInfo;
+use crate::body::GatewayBody;
 use crate::gateway::Gateway;
+use crate::server::ConnInfo;
 
 mod actions;
 mod console;

@@ -15,10 +15,10 @@ use http::{HeaderValue, Request, Response, StatusCode};
 
 use super::console::{esc, html_page};
 use super::{actions, json, Console};
-use crate::forward::body::GatewayBody;
-use crate::forward::ConnInfo;
+use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::secret::Secret;
+use crate::server::ConnInfo;
 
 /// How long an authorization may take in the browser.
 const STATE_LIFETIME: Duration = Duration::from_secs(600);

@@ -12,12 +12,12 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::GatewayBody;
-use super::ConnInfo;
 use crate::audit::HandOutEvent;
+use crate::body::GatewayBody;
 use crate::caller::Identity;
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, Snapshot};
+use crate::server::ConnInfo;
 
 pub(super) fn serve(
     gw: &Arc<Gateway>,

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -26,29 +25,16 @@ use crate::gateway::{Gateway, Route, Snapshot};
 use crate::metrics::ReplayOutcome;
 use crate::token::Credential;
 
-pub mod body;
 mod broker;
-pub mod client;
-pub mod deadline;
-pub mod headers;
-pub mod pool;
 
-use body::{BodyTooLarge, CallerBodyError, GatewayBody, UpstreamBody};
-use deadline::{Bounded, ConnDeadline};
-use headers::{strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID};
-use pool::ResponseBody;
-
-/// What the listener knows about the connection a request came on.
-#[derive(Debug)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
-    /// Names from a verified caller certificate (DNS SANs and CN).
-    pub cert_names: Arc<[String]>,
-    /// HTTP/1: where the request in flight leaves its route deadline for the
-    /// connection to watch (see `deadline`). HTTP/2 requests keep their own timer.
-    pub deadline: Option<ConnDeadline>,
-}
+use crate::body::GatewayBody;
+use crate::headers::{
+    self, strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID,
+};
+use crate::outbound::body::{BodyTooLarge, CallerBodyError, UpstreamBody};
+use crate::outbound::pool::ResponseBody;
+use crate::server::deadline::{Bounded, ConnDeadline};
+use crate::server::ConnInfo;
 
 /// Facts gathered along the way, for metrics and the audit line.
 #[derive(Debug, Default)]

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditSink;
 use crate::config::{Grant, ProviderConfig};
-use crate::forward::client::HttpClient;
 use crate::metrics::ProviderMetrics;
+use crate::outbound::client::HttpClient;
 use crate::secret::Secret;
 use crate::store::{StoredToken, TokenStore};
 
@@ -258,7 +258,7 @@ pub struct ProviderDeps {
     pub audit: Option<AuditSink>,
     pub shutdown: CancellationToken,
     /// `[outbound]`: token endpoints go through the egress proxy too.
-    pub proxy: crate::egress::EgressProxy,
+    pub proxy: crate::outbound::egress::EgressProxy,
     /// The console's ring of recent token events.
     pub events: Arc<TokenEvents>,
 }
@@ -278,9 +278,13 @@ impl Provider {
                     }
                     _ => None,
                 };
-                let http =
-                    crate::forward::client::build(c.ca.as_deref(), client_cert, false, &deps.proxy)
-                        .map_err(|e| format!("token endpoint TLS: {e}"))?;
+                let http = crate::outbound::client::build(
+                    c.ca.as_deref(),
+                    client_cert,
+                    false,
+                    &deps.proxy,
+                )
+                .map_err(|e| format!("token endpoint TLS: {e}"))?;
                 let seed = match &cfg.grant {
                     Grant::RefreshToken {
                         initial_refresh_token: Some(src),

@@ -12,7 +12,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
 use crate::config::{ClientAuth, JwtAlg, OAuthClient};
-use crate::forward::client::HttpClient;
+use crate::outbound::client::HttpClient;
 use crate::secret::Secret;
 
 /// Largest token response read; anything bigger is not a token response.
@@ -354,7 +354,7 @@ pub async fn request_token(
 
     let exchange = async {
         let resp = http.request(req).await.map_err(|e| {
-            match crate::error::find_in_chain::<crate::egress::ProxyAuthError>(&e) {
+            match crate::error::find_in_chain::<crate::outbound::egress::ProxyAuthError>(&e) {
                 Some(auth) => TokenError::ProxyAuth {
                     message: auth.to_string(),
                     from_response: false,
@@ -365,7 +365,7 @@ pub async fn request_token(
         let status = resp.status();
         if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             return Err::<(StatusCode, Option<Duration>, Bytes), _>(TokenError::ProxyAuth {
-                message: crate::egress::unanswered(resp.headers()).to_string(),
+                message: crate::outbound::egress::unanswered(resp.headers()).to_string(),
                 from_response: true,
             });
         }

@@ -131,7 +131,7 @@ mod tests {
                 metrics: metrics.provider("p"),
                 audit: None,
                 shutdown: tokio_util::sync::CancellationToken::new(),
-                proxy: crate::egress::EgressProxy::direct(),
+                proxy: crate::outbound::egress::EgressProxy::direct(),
                 events: TokenEvents::new(),
             },
         )

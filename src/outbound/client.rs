@@ -9,7 +9,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::egress::{EgressProxy, ProxyConnector};
+use crate::outbound::egress::{EgressProxy, ProxyConnector};
 use crate::tls::{client_config, TlsError};
 
 pub type Connector = HttpsConnector<ProxyConnector>;

@@ -24,12 +24,25 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
+pub mod deadline;
+
+use crate::body::GatewayBody;
 use crate::config::Listen;
 use crate::error::ProxyError;
-use crate::forward::body::GatewayBody;
-use crate::forward::deadline::{ConnDeadline, Watch};
-use crate::forward::ConnInfo;
 use crate::tls::TlsError;
+use deadline::{ConnDeadline, Watch};
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Names from a verified caller certificate (DNS SANs and CN).
+    pub cert_names: Arc<[String]>,
+    /// HTTP/1: where the request in flight leaves its route deadline for the
+    /// connection to watch (see `deadline`). HTTP/2 requests keep their own timer.
+    pub deadline: Option<ConnDeadline>,
+}
 
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone)]
@@ -327,14 +340,14 @@ impl Conn {
             let state = state.clone();
             state.started.fetch_add(1, Ordering::SeqCst);
             let fut = if head.exceeded(&req) {
-                let id = crate::forward::headers::new_request_id();
+                let id = crate::headers::new_request_id();
                 let mut resp = crate::error::ProxyError::HeadersTooLarge.to_response(
                     id.to_str().unwrap_or_default(),
                     None,
                     None,
                 );
                 resp.headers_mut()
-                    .insert(crate::forward::headers::X_REQUEST_ID.clone(), id);
+                    .insert(crate::headers::X_REQUEST_ID.clone(), id);
                 futures_util::future::Either::Left(std::future::ready(resp))
             } else {
                 futures_util::future::Either::Right(handler(req, info.clone()))
@@ -698,7 +711,7 @@ fn poll_deadline(
 /// The contract's JSON answer to a request that never reached the service, with a
 /// request id of its own.
 fn closing_answer(err: &ProxyError, message: Option<&str>) -> Vec<u8> {
-    let id = crate::forward::headers::new_request_id();
+    let id = crate::headers::new_request_id();
     err.to_closing_bytes(id.to_str().unwrap_or_default(), message)
 }
 

@@ -305,7 +305,7 @@ impl Upstream {
             // A forward proxy that wants credentials authgate does not have: the
             // contract's 502 naming proxy authentication, not the proxy's page.
             self.origin.proxy_auth_failures.inc();
-            let err = crate::egress::unanswered(resp.headers());
+            let err = crate::outbound::egress::unanswered(resp.headers());
             return Err((SendError::Connect(Box::new(err)), None));
         }
         let (parts, inner) = resp.into_parts();
@@ -549,7 +549,7 @@ impl Body for ResponseBody {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::egress::EgressProxy;
+    use crate::outbound::egress::EgressProxy;
 
     #[test]
     fn connection_close_is_found_among_other_tokens() {
