@@ -1603,7 +1603,7 @@ timeout = "300ms"
 }
 
 /// An HTTP/1 connection keeps one timer for the deadlines of its requests (see
-/// `forward::deadline`): each request still gets its own, whether it comes after
+/// `server::deadline`): each request still gets its own, whether it comes after
 /// quick ones (a later deadline), after one that timed out (a fired timer), or
 /// with a shorter timeout than the one before (an earlier deadline).
 #[tokio::test]
