@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::AuditSink;
+use crate::audit::{AuditError, AuditSink};
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("token store: {0}")]
     Store(StoreError),
     #[error("audit log: {0}")]
-    Audit(std::io::Error),
+    Audit(AuditError),
 }
 
 impl StartError {
@@ -43,7 +43,8 @@ impl StartError {
         match self {
             StartError::Config(_)
             | StartError::Invalid(_)
-            | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_)) => 2,
+            | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_))
+            | StartError::Audit(AuditError::Key(_)) => 2,
             _ => 1,
         }
     }
@@ -153,9 +154,19 @@ impl App {
         })
     }
 
-    /// Re-reads the config file and swaps it in; the running config stays on error.
+    /// What an operator's reload does (SIGHUP; the Windows service's reload
+    /// control): reopens the audit file by its name, for external rotators, and
+    /// re-reads the config file and swaps it in; the running config stays on error.
     pub fn reload(&self, path: &Path) -> Result<(), String> {
+        self.reopen_audit();
         reload_from(&self.gateway, path)
+    }
+
+    /// Closes and reopens the audit file before its next line.
+    pub fn reopen_audit(&self) {
+        if let Some(audit) = &self.gateway.audit {
+            audit.reopen();
+        }
     }
 
     /// Reloads whenever the config file changes (debounced), until shutdown. The

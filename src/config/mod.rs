@@ -91,6 +91,21 @@ pub struct Audit {
     pub target: AuditTarget,
     /// Lines buffered between the request path and the writer before loss is counted.
     pub buffer: usize,
+    pub rotate: Rotate,
+    /// Rotated files kept; `None` keeps them all.
+    pub keep: Option<usize>,
+    /// Keys the HMAC of the chain; without one the chain is plain SHA-256.
+    pub key: Option<SecretSource>,
+}
+
+/// When the audit file is closed and renamed to its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotate {
+    Never,
+    Hourly,
+    Daily,
+    /// Before a line would take the file past this many bytes.
+    Size(u64),
 }
 
 #[derive(Debug, Clone, PartialEq)]

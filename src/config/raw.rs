@@ -54,6 +54,11 @@ pub(crate) struct RawAdmin {
 pub(crate) struct RawAudit {
     pub(crate) file: String,
     pub(crate) buffer: Option<usize>,
+    /// "daily", "hourly" or a size ("100MiB").
+    pub(crate) rotate: Option<String>,
+    pub(crate) keep: Option<usize>,
+    pub(crate) key_env: Option<String>,
+    pub(crate) key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -139,14 +139,10 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
         }
         None => None,
     };
-    let audit = raw.audit.map(|a| Audit {
-        target: if a.file == "-" {
-            AuditTarget::Stdout
-        } else {
-            AuditTarget::File(resolve(&a.file))
-        },
-        buffer: a.buffer.unwrap_or(65_536).max(1),
-    });
+    let audit = match raw.audit {
+        Some(a) => Some(audit(a, &root.key("audit"), &resolve)?),
+        None => None,
+    };
     let store = store(raw.store, &root.key("store"), &resolve)?;
     let outbound = outbound(raw.outbound, &root.key("outbound"), &resolve)?;
     let runtime = Runtime {
@@ -276,6 +272,50 @@ fn listen(l: RawListen, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Chec
         max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
         shutdown_grace: l.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
         tls,
+    })
+}
+
+fn audit(a: RawAudit, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Check<Audit> {
+    let target = if a.file == "-" {
+        AuditTarget::Stdout
+    } else {
+        AuditTarget::File(resolve(&a.file))
+    };
+    let rotate = match a.rotate.as_deref().map(str::trim) {
+        None => Rotate::Never,
+        Some("daily") => Rotate::Daily,
+        Some("hourly") => Rotate::Hourly,
+        Some(other) => match parse_size(other) {
+            Some(n) if n > 0 => Rotate::Size(n),
+            _ => return Err((
+                at.key("rotate"),
+                format!(
+                    "invalid rotate {other:?}; use \"daily\", \"hourly\" or a size like \"100MiB\""
+                ),
+            )),
+        },
+    };
+    if target == AuditTarget::Stdout {
+        if rotate != Rotate::Never {
+            return Err((
+                at.key("rotate"),
+                "file = \"-\" (stdout) cannot be rotated".into(),
+            ));
+        }
+        if a.keep.is_some() {
+            return Err((
+                at.key("keep"),
+                "file = \"-\" (stdout) has no rotated files".into(),
+            ));
+        }
+    }
+    let key = secret_pair(at, "key", a.key_env, a.key_file, resolve)?;
+    Ok(Audit {
+        target,
+        buffer: a.buffer.unwrap_or(65_536).max(1),
+        rotate,
+        keep: a.keep,
+        key,
     })
 }
 

@@ -1,18 +1,28 @@
 //! The audit log: one JSON object per line for every request and every token
 //! refresh (DESIGN.md, "Audit log"). The request path only hands a record to a
-//! bounded channel; a background task serializes and writes. If the writer falls
-//! behind, lines are dropped, counted and logged, never waited for.
+//! bounded channel; a background writer on its own thread serializes, chains
+//! (`chain`), writes and rotates (`rotation`). If the writer falls behind, or the
+//! disk refuses writes, lines are dropped and counted, never waited for, and the
+//! log itself records how many went missing. `verify` checks a log's chain.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::config::{Audit, AuditTarget};
 use crate::metrics::Metrics;
+use crate::secret::SecretError;
+
+pub mod chain;
+pub mod rotation;
+pub mod verify;
+mod writer;
+
+pub use chain::ChainKey;
+pub use rotation::{Clock, SystemClock};
 
 /// One proxied (or refused) request.
 #[derive(Debug, Serialize)]
@@ -72,6 +82,8 @@ enum Line {
     Request(Box<RequestRecord>),
     Token(TokenEvent),
     HandOut(HandOutEvent),
+    /// Nothing to write: wakes the writer to look at its flags (reopen).
+    Wake,
 }
 
 // The request path hands over what it already holds (header value, method, socket
@@ -88,43 +100,75 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
+/// Why the audit log could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("key: {0}")]
+    Key(#[from] SecretError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The chain key `[audit] key_env`/`key_file` names, else plain SHA-256.
+pub fn chain_key(cfg: &Audit) -> Result<ChainKey, SecretError> {
+    match &cfg.key {
+        Some(src) => Ok(ChainKey::hmac(src.load()?.expose().as_bytes())),
+        None => Ok(ChainKey::plain()),
+    }
+}
+
+/// What the request path and the writer share: counters and flags, no lock.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Lines refused because the queue was full.
+    dropped: AtomicU64,
+    reopen: AtomicBool,
+}
+
 /// Handle to the background writer. Cloning is cheap.
 #[derive(Clone, Debug)]
 pub struct AuditSink {
     tx: mpsc::Sender<Line>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
 
 impl AuditSink {
     /// Opens the target and starts the writer. The returned handle finishes when
-    /// every sink clone is dropped and the last line is flushed.
+    /// every sink clone is dropped and the last line is written.
     pub async fn start(
         cfg: &Audit,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<(AuditSink, tokio::task::JoinHandle<()>)> {
-        let out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &cfg.target {
-            AuditTarget::Stdout => Box::new(tokio::io::stdout()),
-            AuditTarget::File(path) => {
-                if let Some(dir) = path.parent() {
-                    if !dir.as_os_str().is_empty() {
-                        tokio::fs::create_dir_all(dir).await?;
-                    }
-                }
-                let mut opts = tokio::fs::OpenOptions::new();
-                opts.create(true).append(true);
-                #[cfg(unix)]
-                opts.mode(0o600);
-                Box::new(opts.open(path).await?)
-            }
+    ) -> Result<(AuditSink, tokio::task::JoinHandle<()>), AuditError> {
+        Self::start_with_clock(cfg, metrics, Arc::new(SystemClock)).await
+    }
+
+    /// As `start`, with the clock that decides time rotation.
+    pub async fn start_with_clock(
+        cfg: &Audit,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(AuditSink, tokio::task::JoinHandle<()>), AuditError> {
+        let key = chain_key(cfg)?;
+        let target = match &cfg.target {
+            AuditTarget::Stdout => writer::Target::Stdout,
+            AuditTarget::File(path) => writer::Target::File {
+                path: path.clone(),
+                rotate: cfg.rotate,
+                keep: cfg.keep,
+            },
         };
+        let shared = Arc::new(Shared::default());
+        let (s, m) = (shared.clone(), metrics.clone());
+        let w = tokio::task::spawn_blocking(move || writer::Writer::open(target, key, clock, s, m))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
         let (tx, rx) = mpsc::channel(cfg.buffer);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(write_lines(rx, out, dropped.clone()));
+        let task = tokio::task::spawn_blocking(move || w.run(rx));
         Ok((
             AuditSink {
                 tx,
-                dropped,
+                shared,
                 metrics,
             },
             task,
@@ -143,55 +187,20 @@ impl AuditSink {
         self.send(Line::HandOut(ev));
     }
 
+    /// Closes and reopens the file by its name before the next line (for external
+    /// rotators: after they move the file, lines go to a new one at the path).
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+        // A full queue wakes the writer anyway; it reads the flag first.
+        let _ = self.tx.try_send(Line::Wake);
+    }
+
     fn send(&self, line: Line) {
         if self.tx.try_send(line).is_err() {
-            // Counted here; the writer reports the gap once it catches up, so a
-            // burst of drops is one log line, not one per request.
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            // Counted here; the writer records the gap in the log once it catches
+            // up, so a burst of drops is one line, not one per request.
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.audit_dropped(1);
         }
     }
-}
-
-async fn write_lines(
-    mut rx: mpsc::Receiver<Line>,
-    mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    dropped: Arc<AtomicU64>,
-) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut reported = 0u64;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        // Batch whatever is queued into one write.
-        while let Some(line) = next {
-            let res = match &line {
-                Line::Request(r) => serde_json::to_writer(&mut buf, r),
-                Line::Token(t) => serde_json::to_writer(&mut buf, t),
-                Line::HandOut(h) => serde_json::to_writer(&mut buf, h),
-            };
-            if res.is_ok() {
-                buf.push(b'\n');
-            }
-            next = if buf.len() < 256 * 1024 {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if let Err(e) = out.write_all(&buf).await {
-            tracing::error!(error = %e, "audit log write failed; lines lost");
-        }
-        let _ = out.flush().await;
-        buf.clear();
-        let now = dropped.load(Ordering::Relaxed);
-        if now != reported {
-            tracing::warn!(
-                dropped = now - reported,
-                total = now,
-                "audit writer fell behind; lines were dropped"
-            );
-            reported = now;
-        }
-    }
-    let _ = out.flush().await;
 }

@@ -1,0 +1,270 @@
+//! `authgate audit verify`: walks audit files in order and checks that every line
+//! follows the one before it (`seq` one higher, `chain` recomputed from the previous
+//! `chain` and the line's own bytes). It answers with the first line that does not,
+//! and says what it looks like: altered, removed, reordered or inserted.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::chain::{self, ChainKey, Parsed, GENESIS};
+use super::rotation;
+
+/// The answer: every line verified, or the first that is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok {
+        lines: u64,
+        /// First and last `seq` verified; `None` when there was no line.
+        seqs: Option<(u64, u64)>,
+    },
+    Failed {
+        file: String,
+        line: usize,
+        kind: &'static str,
+        detail: String,
+    },
+}
+
+/// The outcome and what an auditor should know besides (a pruned start, a torn
+/// last line, lines the writer recorded as lost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn is_ok(&self) -> bool {
+        matches!(self.outcome, Outcome::Ok { .. })
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Outcome::Ok { lines, seqs } => {
+                write!(f, "ok: {lines} lines")?;
+                if let Some((a, b)) = seqs {
+                    write!(f, ", seq {a}..{b}")?;
+                }
+            }
+            Outcome::Failed {
+                file,
+                line,
+                kind,
+                detail,
+            } => write!(f, "{file}:{line}: {kind}: {detail}")?,
+        }
+        for n in &self.notes {
+            write!(f, "\nnote: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The files of the log whose active file is `active`: rotated ones oldest first,
+/// then the active one.
+pub fn log_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = rotation::rotated_files(active)?;
+    if active.exists() {
+        files.push(active.to_path_buf());
+    }
+    Ok(files)
+}
+
+/// Named files in the order they were written: rotated names (`NAME.<UTC time>`)
+/// by their time, the rest (active files) after them in the order given. A shell
+/// glob lists `audit.log` before `audit.log.2026-…`; this puts it last.
+pub fn in_written_order(files: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut keyed: Vec<(Option<(String, u64)>, usize, PathBuf)> = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let key = name.match_indices('.').find_map(|(dot, _)| {
+                rotation::rotation_suffix(&name[..dot], &name).map(|s| {
+                    let (stamp, n) = rotation::suffix_order(s);
+                    (stamp.to_owned(), n)
+                })
+            });
+            (key, i, p)
+        })
+        .collect();
+    keyed.sort_by(|a, b| match (&a.0, &b.0) {
+        (Some(x), Some(y)) => x.cmp(y).then(a.1.cmp(&b.1)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.1.cmp(&b.1),
+    });
+    keyed.into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// Verifies `files`, in this order, as one log.
+pub fn verify(files: &[PathBuf], key: &ChainKey) -> std::io::Result<Report> {
+    let mut v = Verifier {
+        key,
+        prev: None,
+        lines: 0,
+        first_seq: None,
+        notes: Vec::new(),
+    };
+    for path in files {
+        let bytes = std::fs::read(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+        })?;
+        if let Err(outcome) = v.file(&path.display().to_string(), &bytes) {
+            return Ok(Report {
+                outcome,
+                notes: v.notes,
+            });
+        }
+    }
+    Ok(Report {
+        outcome: Outcome::Ok {
+            lines: v.lines,
+            seqs: v.first_seq.zip(v.prev.map(|p| p.0)),
+        },
+        notes: v.notes,
+    })
+}
+
+struct Verifier<'k> {
+    key: &'k ChainKey,
+    /// `seq` and `chain` of the last line verified.
+    prev: Option<(u64, [u8; 64])>,
+    lines: u64,
+    first_seq: Option<u64>,
+    notes: Vec<String>,
+}
+
+impl Verifier<'_> {
+    fn file(&mut self, name: &str, bytes: &[u8]) -> Result<(), Outcome> {
+        let ends_whole = bytes.last() == Some(&b'\n');
+        let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        let lines: Vec<&[u8]> = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            body.split(|&b| b == b'\n').collect()
+        };
+        let fail = |line: usize, kind: &'static str, detail: String| Outcome::Failed {
+            file: name.to_owned(),
+            line,
+            kind,
+            detail,
+        };
+        for (i, raw) in lines.iter().enumerate() {
+            let lineno = i + 1;
+            let Some(p) = chain::parse(raw) else {
+                if i + 1 == lines.len() && !ends_whole {
+                    self.notes.push(format!(
+                        "{name}:{lineno}: torn last line (an incomplete write, e.g. a crash); not part of the chain"
+                    ));
+                    continue;
+                }
+                return Err(fail(
+                    lineno,
+                    "altered or inserted",
+                    "not an audit line with seq and chain".into(),
+                ));
+            };
+            let Some((prev_seq, prev_chain)) = self.prev else {
+                self.start(name, lineno, &p)
+                    .map_err(|d| fail(lineno, "altered", d))?;
+                continue;
+            };
+            let expected = prev_seq + 1;
+            let rest = &lines[i + 1..];
+            if p.seq == expected {
+                if !p.follows(self.key, &prev_chain) {
+                    let next_follows = rest
+                        .first()
+                        .and_then(|l| chain::parse(l))
+                        .is_some_and(|n| n.seq == expected && n.follows(self.key, &prev_chain));
+                    return Err(if next_follows {
+                        fail(lineno, "inserted", format!("seq {} here is not part of the log; the next line follows seq {prev_seq}", p.seq))
+                    } else if self.lines == 1 {
+                        fail(lineno, "altered", format!("chain of seq {} does not match (the line was changed, or this is not the key the log was written with)", p.seq))
+                    } else {
+                        fail(
+                            lineno,
+                            "altered",
+                            format!("chain of seq {} does not match its content", p.seq),
+                        )
+                    });
+                }
+            } else if p.seq > expected {
+                let later = rest
+                    .iter()
+                    .any(|l| chain::parse(l).is_some_and(|n| n.seq == expected));
+                return Err(if later {
+                    fail(
+                        lineno,
+                        "reordered",
+                        format!("seq {} comes before seq {expected}", p.seq),
+                    )
+                } else {
+                    let missing = if p.seq - 1 == expected {
+                        format!("seq {expected} is missing")
+                    } else {
+                        format!("seq {expected}..{} are missing", p.seq - 1)
+                    };
+                    fail(lineno, "removed", format!("{missing} before this line"))
+                });
+            } else {
+                return Err(fail(
+                    lineno,
+                    "reordered or inserted",
+                    format!("seq {} after seq {prev_seq}", p.seq),
+                ));
+            }
+            self.accept(name, lineno, &p);
+        }
+        Ok(())
+    }
+
+    /// The first line: from the start of the chain, or where the oldest file
+    /// present begins.
+    fn start(&mut self, name: &str, lineno: usize, p: &Parsed<'_>) -> Result<(), String> {
+        if p.seq == 1 {
+            if !p.follows(self.key, &GENESIS) {
+                return Err("chain of seq 1 does not match (the line was changed, or this is not the key the log was written with)".into());
+            }
+        } else {
+            self.notes.push(format!(
+                "{name}:{lineno}: the oldest line present is seq {}; earlier files are gone (pruned by keep?), so its chain is taken as given",
+                p.seq
+            ));
+        }
+        self.first_seq = Some(p.seq);
+        self.accept(name, lineno, p);
+        Ok(())
+    }
+
+    fn accept(&mut self, name: &str, lineno: usize, p: &Parsed<'_>) {
+        self.prev = Some((p.seq, p.chain));
+        self.lines += 1;
+        if memchr(p.head, br#""event":"audit_lines_lost""#) {
+            #[derive(serde::Deserialize)]
+            struct Gap {
+                queue_full: u64,
+                write_failed: u64,
+            }
+            let mut text = p.head.to_vec();
+            text.push(b'}');
+            if let Ok(g) = serde_json::from_slice::<Gap>(&text) {
+                self.notes.push(format!(
+                    "{name}:{lineno}: the gateway recorded lines it could not write before this one ({} with the queue full, {} on failed writes)",
+                    g.queue_full, g.write_failed
+                ));
+            }
+        }
+    }
+}
+
+fn memchr(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
