@@ -214,7 +214,8 @@ mod tests {
         assert!(parse(br#"{"a":1}"#).is_none());
         assert!(parse(br#"{"a":1,"seq":1,"chain":"00"}"#).is_none());
         let mut buf = br#"{"a":1}"#.to_vec();
-        ChainState::START.seal(&ChainKey::plain(), &mut buf, 0);
+        let mut st = ChainState::START;
+        st.seal(&ChainKey::plain(), &mut buf, 0);
         let line = &buf[..buf.len() - 1];
         assert!(parse(&line[..line.len() - 3]).is_none(), "torn");
         let mut bad = line.to_vec();

@@ -204,3 +204,6 @@ impl AuditSink {
         }
     }
 }
+
+#[cfg(test)]
+mod testutil;

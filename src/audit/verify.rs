@@ -69,12 +69,42 @@ pub fn log_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
     if active.exists() {
         files.push(active.to_path_buf());
     }
-    Ok(files)
+    Ok(by_first_seq(files))
 }
 
-/// Named files in the order they were written: rotated names (`NAME.<UTC time>`)
-/// by their time, the rest (active files) after them in the order given. A shell
-/// glob lists `audit.log` before `audit.log.2026-…`; this puts it last.
+/// Orders files by the `seq` of their first line, so a clock stepped back between
+/// two rotations (names out of time order) is no false alarm. A file without one
+/// (empty, or only a torn line) stays right after the file it followed by name.
+fn by_first_seq(files: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut last = 0;
+    let mut keyed: Vec<(u64, PathBuf)> = files
+        .into_iter()
+        .map(|p| {
+            if let Some(seq) = first_seq(&p) {
+                last = seq;
+            }
+            (last, p)
+        })
+        .collect();
+    keyed.sort_by_key(|(seq, _)| *seq);
+    keyed.into_iter().map(|(_, p)| p).collect()
+}
+
+fn first_seq(path: &Path) -> Option<u64> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path).ok()?;
+    let mut line = Vec::new();
+    std::io::BufReader::new(std::io::Read::take(f, 1 << 20))
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let line = line.strip_suffix(b"\n")?;
+    chain::parse(line).map(|p| p.seq)
+}
+
+/// Named files in the order they were written: by the `seq` of their first line,
+/// else rotated names (`NAME.<UTC time>`) by their time and the rest (active
+/// files) after them in the order given. A shell glob lists `audit.log` before
+/// `audit.log.2026-…`; this puts it last.
 pub fn in_written_order(files: Vec<PathBuf>) -> Vec<PathBuf> {
     let mut keyed: Vec<(Option<(String, u64)>, usize, PathBuf)> = files
         .into_iter()
@@ -100,7 +130,7 @@ pub fn in_written_order(files: Vec<PathBuf>) -> Vec<PathBuf> {
         (None, Some(_)) => std::cmp::Ordering::Greater,
         (None, None) => a.1.cmp(&b.1),
     });
-    keyed.into_iter().map(|(_, _, p)| p).collect()
+    by_first_seq(keyed.into_iter().map(|(_, _, p)| p).collect())
 }
 
 /// Verifies `files`, in this order, as one log.

@@ -150,14 +150,22 @@ impl Writer {
         let now = self.clock.now();
         self.maybe_rotate_by_time(now);
         let queue_total = self.shared.dropped.load(Ordering::Relaxed);
-        self.lost_queue += queue_total - self.queue_seen;
-        self.queue_seen = queue_total;
+        if queue_total != self.queue_seen {
+            tracing::warn!(
+                dropped = queue_total - self.queue_seen,
+                total = queue_total,
+                "audit writer fell behind; lines were dropped"
+            );
+            self.lost_queue += queue_total - self.queue_seen;
+            self.queue_seen = queue_total;
+        }
 
         let mut committed = self.state;
         let mut pending = 0u64;
         if self.lost_queue + self.lost_write > 0 {
+            // Not counted in `pending`: if it cannot be written, it is written
+            // later, with the larger numbers.
             self.push_gap(now);
-            pending += 1;
         }
         let mut lines = lines.filter(|l| !matches!(l, Line::Wake));
         while self.out.is_some() {
@@ -509,4 +517,207 @@ fn first_line_ts(path: &Path) -> Option<SystemTime> {
     }
     let ts: Ts<'_> = serde_json::from_slice(&head[..end]).ok()?;
     humantime::parse_rfc3339_weak(ts.ts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{events, Log};
+    use super::super::verify::{verify, Outcome};
+    use super::*;
+
+    fn text(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn assert_verifies(log: &Log, lines: u64, seqs: (u64, u64)) -> Vec<String> {
+        let report = verify(&log.files(), &log.key).unwrap();
+        assert_eq!(
+            report.outcome,
+            Outcome::Ok {
+                lines,
+                seqs: Some(seqs)
+            },
+            "{report}"
+        );
+        report.notes
+    }
+
+    #[test]
+    fn lines_carry_seq_and_chain_last_and_a_restart_continues_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        log.writer().write_batch(events(0, 3));
+        let first = text(&log.path);
+        let line1: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        assert_eq!(line1["seq"], 1);
+        assert_eq!(line1["provider"], "p0");
+        assert!(first.lines().all(|l| l.contains(",\"seq\":")
+            && l.ends_with("\"}")
+            && l.rfind(",\"chain\":\"") == Some(l.len() - 76)));
+        // A restart: a new writer on the same file.
+        log.writer().write_batch(events(3, 2));
+        let lines: Vec<serde_json::Value> = text(&log.path)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seqs: Vec<u64> = lines.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert!(assert_verifies(&log, 5, (1, 5)).is_empty());
+        assert!(!text(&log.path).contains("test-audit-key"));
+    }
+
+    #[test]
+    fn size_rotation_keeps_lines_whole_and_the_chain_runs_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Size(1000));
+        let mut w = log.writer();
+        w.write_batch(events(0, 10));
+        log.clock.advance(Duration::from_secs(1));
+        w.write_batch(events(10, 10));
+        let files = log.files();
+        assert!(files.len() >= 4, "{:?}", log.names());
+        for f in &files {
+            let t = text(f);
+            assert!(t.len() <= 1000, "{} is {} bytes", f.display(), t.len());
+            assert!(t.ends_with('\n'));
+        }
+        assert!(log.names()[0].starts_with("audit.log.2026-12-05T10-00-00Z"));
+        assert_eq!(log.names().last().unwrap(), "audit.log");
+        assert_verifies(&log, 20, (1, 20));
+        // A restart picks up the size of the active file.
+        let before = log.files().len();
+        log.writer().write_batch(events(20, 10));
+        assert!(log.files().len() > before);
+        assert_verifies(&log, 30, (1, 30));
+    }
+
+    #[test]
+    fn time_rotation_names_files_by_the_utc_start_of_their_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::new(dir.path(), Rotate::Hourly);
+        log.clock = super::super::testutil::ManualClock::at("2026-12-05T10:59:59Z");
+        let mut w = log.writer();
+        w.write_batch(events(0, 2));
+        log.clock.advance(Duration::from_secs(1));
+        w.write_batch(events(2, 2));
+        // An hour with no line makes no file.
+        log.clock.advance(Duration::from_secs(2 * 3600));
+        w.write_batch(events(4, 1));
+        assert_eq!(
+            log.names(),
+            [
+                "audit.log.2026-12-05T10-00-00Z",
+                "audit.log.2026-12-05T11-00-00Z",
+                "audit.log"
+            ]
+        );
+        assert_eq!(text(&log.files()[0]).lines().count(), 2);
+        assert_verifies(&log, 5, (1, 5));
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::new(dir.path(), Rotate::Daily);
+        log.clock = super::super::testutil::ManualClock::at("2026-12-05T23:59:00Z");
+        log.writer().write_batch(events(0, 1));
+        // A restart on the next day rotates yesterday's file before the first line.
+        log.clock.advance(Duration::from_secs(120));
+        log.writer().write_batch(events(1, 1));
+        assert_eq!(log.names(), ["audit.log.2026-12-05T00-00-00Z", "audit.log"]);
+        assert_verifies(&log, 2, (1, 2));
+    }
+
+    #[test]
+    fn keep_prunes_the_oldest_and_verify_starts_at_the_oldest_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::new(dir.path(), Rotate::Hourly);
+        log.keep = Some(2);
+        let mut w = log.writer();
+        for i in 0..5 {
+            w.write_batch(events(i * 3, 3));
+            log.clock.advance(Duration::from_secs(3600));
+        }
+        assert_eq!(
+            log.names(),
+            [
+                "audit.log.2026-12-05T12-00-00Z",
+                "audit.log.2026-12-05T13-00-00Z",
+                "audit.log"
+            ]
+        );
+        let notes = assert_verifies(&log, 9, (7, 15));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("seq 7") && notes[0].contains("taken as given"));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_set_aside_and_the_chain_goes_on_from_the_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        log.writer().write_batch(events(0, 3));
+        let whole = text(&log.path);
+        // A crash in the middle of the third line.
+        let cut = whole.len() - 40;
+        std::fs::write(&log.path, &whole[..cut]).unwrap();
+        log.writer().write_batch(events(3, 2));
+        let names = log.names();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(text(&log.files()[0]).ends_with(&whole[cut - 10..cut]));
+        let lines: Vec<serde_json::Value> = text(&log.path)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["seq"], 3, "the torn seq 3 was never written whole");
+        let notes = assert_verifies(&log, 4, (1, 4));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains(":3: torn last line"), "{notes:?}");
+    }
+
+    #[test]
+    fn reopen_follows_an_external_rotator() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        let mut w = log.writer();
+        w.write_batch(events(0, 2));
+        let moved = dir.path().join("audit.log.1");
+        std::fs::rename(&log.path, &moved).unwrap();
+        w.write_batch(events(2, 1));
+        assert_eq!(text(&moved).lines().count(), 3, "still the open file");
+        log.shared.reopen.store(true, Ordering::Release);
+        w.write_batch(std::iter::once(Line::Wake).chain(events(3, 2)));
+        assert_eq!(text(&log.path).lines().count(), 2);
+        let report = verify(&[moved, log.path.clone()], &log.key).unwrap();
+        assert!(report.is_ok(), "{report}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn write_errors_count_drops_and_the_log_recovers_and_records_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        let mut w = log.writer();
+        w.write_batch(events(0, 2));
+        // A full disk: every write fails with ENOSPC.
+        let good = dir.path().join("good.log");
+        std::fs::rename(&log.path, &good).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &log.path).unwrap();
+        log.shared.reopen.store(true, Ordering::Release);
+        w.write_batch(events(2, 3));
+        w.write_batch(events(5, 4));
+        assert_eq!(log.dropped(), 7);
+        // Space returns.
+        std::fs::remove_file(&log.path).unwrap();
+        std::fs::rename(&good, &log.path).unwrap();
+        w.write_batch(events(9, 1));
+        assert_eq!(log.dropped(), 7);
+        let lines: Vec<serde_json::Value> = text(&log.path)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[2]["event"], "audit_lines_lost");
+        assert_eq!(lines[2]["write_failed"], 7);
+        assert_eq!(lines[2]["seq"], 3);
+        assert_eq!(lines[3]["provider"], "p9");
+        let notes = assert_verifies(&log, 4, (1, 4));
+        assert!(notes[0].contains("0 with the queue full, 7 on failed writes"));
+    }
 }

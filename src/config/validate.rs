@@ -287,12 +287,14 @@ fn audit(a: RawAudit, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Check<
         Some("hourly") => Rotate::Hourly,
         Some(other) => match parse_size(other) {
             Some(n) if n > 0 => Rotate::Size(n),
-            _ => return Err((
-                at.key("rotate"),
-                format!(
+            _ => {
+                return Err((
+                    at.key("rotate"),
+                    format!(
                     "invalid rotate {other:?}; use \"daily\", \"hourly\" or a size like \"100MiB\""
                 ),
-            )),
+                ))
+            }
         },
     };
     if target == AuditTarget::Stdout {
