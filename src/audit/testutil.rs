@@ -94,20 +94,23 @@ impl Log {
     }
 }
 
-/// `n` token events, numbered from `from` in their `provider` field.
-pub(crate) fn events(from: usize, n: usize) -> impl Iterator<Item = Line> {
-    (from..from + n).map(|i| {
-        Line::Token(TokenEvent {
-            ts: humantime::parse_rfc3339("2026-12-05T10:00:00Z").unwrap()
-                + Duration::from_secs(i as u64),
-            event: "token_refresh",
-            provider: format!("p{i}").into(),
-            trigger: "startup",
-            outcome: "ok",
-            generation: Some(i as u64),
-            expires_in_s: Some(3600),
-            duration_ms: 1,
-            error: None,
+impl Log {
+    /// `n` token events stamped with the clock's time, numbered from `from` in
+    /// their `provider` field.
+    pub(crate) fn events(&self, from: usize, n: usize) -> impl Iterator<Item = Line> {
+        let ts = self.clock.now();
+        (from..from + n).map(move |i| {
+            Line::Token(TokenEvent {
+                ts,
+                event: "token_refresh",
+                provider: format!("p{i}").into(),
+                trigger: "startup",
+                outcome: "ok",
+                generation: Some(i as u64),
+                expires_in_s: Some(3600),
+                duration_ms: 1,
+                error: None,
+            })
         })
-    })
+    }
 }

@@ -298,3 +298,268 @@ impl Verifier<'_> {
 fn memchr(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use super::super::testutil::Log;
+    use super::*;
+    use crate::config::Rotate;
+
+    /// Three files: seq 1-5, 6-10 (rotated hourly) and 11-15, the active one,
+    /// with a restart of the gateway between seq 12 and 13.
+    fn three_files(dir: &Path) -> Log {
+        let log = Log::new(dir, Rotate::Hourly);
+        let mut w = log.writer();
+        w.write_batch(log.events(0, 5));
+        log.clock.advance(Duration::from_secs(3600));
+        w.write_batch(log.events(5, 5));
+        log.clock.advance(Duration::from_secs(3600));
+        w.write_batch(log.events(10, 2));
+        drop(w);
+        log.writer().write_batch(log.events(12, 3));
+        assert_eq!(log.files().len(), 3);
+        log
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn put(p: &Path, lines: &[String]) {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// Verifies after `tamper`, expecting a failure of `kind` at file #`file`, `line`.
+    fn detects(tamper: impl FnOnce(&[PathBuf]), file: usize, line: usize, kind: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let files = log.files();
+        assert!(verify(&files, &log.key).unwrap().is_ok());
+        tamper(&files);
+        let report = verify(&log.files(), &log.key).unwrap();
+        match &report.outcome {
+            Outcome::Failed {
+                file: f,
+                line: l,
+                kind: k,
+                ..
+            } => {
+                assert_eq!(
+                    (f.as_str(), *l, *k),
+                    (files[file].display().to_string().as_str(), line, kind),
+                    "{report}"
+                );
+            }
+            Outcome::Ok { .. } => panic!("not detected: {report}"),
+        }
+        report.to_string()
+    }
+
+    #[test]
+    fn an_untouched_log_verifies_across_rotation_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let report = verify(&log.files(), &log.key).unwrap();
+        assert_eq!(report.to_string(), "ok: 15 lines, seq 1..15");
+    }
+
+    #[test]
+    fn an_altered_line_is_named() {
+        detects(
+            |f| {
+                let mut l = lines(&f[0]);
+                l[2] = l[2].replace("\"p2\"", "\"pX\"");
+                put(&f[0], &l);
+            },
+            0,
+            3,
+            "altered",
+        );
+        // After the restart, in the active file.
+        detects(
+            |f| {
+                let mut l = lines(&f[2]);
+                l[2] = l[2].replace("\"outcome\":\"ok\"", "\"outcome\":\"no\"");
+                put(&f[2], &l);
+            },
+            2,
+            3,
+            "altered",
+        );
+    }
+
+    #[test]
+    fn a_removed_line_is_named_also_at_a_rotation_boundary() {
+        let r = detects(
+            |f| {
+                let mut l = lines(&f[0]);
+                l.remove(3);
+                put(&f[0], &l);
+            },
+            0,
+            4,
+            "removed",
+        );
+        assert!(r.contains("seq 4 is missing"), "{r}");
+        // The first line of the second file.
+        detects(
+            |f| {
+                let mut l = lines(&f[1]);
+                l.remove(0);
+                put(&f[1], &l);
+            },
+            1,
+            1,
+            "removed",
+        );
+        // The last line of the first file.
+        detects(
+            |f| {
+                let mut l = lines(&f[0]);
+                l.pop();
+                put(&f[0], &l);
+            },
+            1,
+            1,
+            "removed",
+        );
+        // The line written last before the restart.
+        detects(
+            |f| {
+                let mut l = lines(&f[2]);
+                l.remove(1);
+                put(&f[2], &l);
+            },
+            2,
+            2,
+            "removed",
+        );
+    }
+
+    #[test]
+    fn a_removed_file_in_the_middle_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let files = log.files();
+        std::fs::remove_file(&files[1]).unwrap();
+        let report = verify(&log.files(), &log.key).unwrap();
+        assert_eq!(
+            report.to_string(),
+            format!(
+                "{}:1: removed: seq 6..10 are missing before this line",
+                files[2].display()
+            )
+        );
+    }
+
+    #[test]
+    fn reordered_lines_are_named() {
+        detects(
+            |f| {
+                let mut l = lines(&f[2]);
+                l.swap(1, 2);
+                put(&f[2], &l);
+            },
+            2,
+            2,
+            "reordered",
+        );
+    }
+
+    #[test]
+    fn inserted_lines_are_named() {
+        // A copy of an earlier line.
+        detects(
+            |f| {
+                let mut l = lines(&f[1]);
+                let copy = l[1].clone();
+                l.insert(4, copy);
+                put(&f[1], &l);
+            },
+            1,
+            5,
+            "reordered or inserted",
+        );
+        // A forged line with the expected seq.
+        detects(
+            |f| {
+                let mut l = lines(&f[0]);
+                let forged = l[2].replace("\"p2\"", "\"forged\"");
+                l.insert(2, forged);
+                put(&f[0], &l);
+            },
+            0,
+            3,
+            "inserted",
+        );
+        // Something that is no audit line at all.
+        detects(
+            |f| {
+                let mut l = lines(&f[1]);
+                l.insert(2, r#"{"event":"token_refresh"}"#.into());
+                put(&f[1], &l);
+            },
+            1,
+            3,
+            "altered or inserted",
+        );
+    }
+
+    #[test]
+    fn the_wrong_key_fails_at_the_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let report = verify(&log.files(), &ChainKey::hmac(b"another-key")).unwrap();
+        let text = report.to_string();
+        assert!(
+            text.starts_with(&format!("{}:1: altered:", log.files()[0].display())),
+            "{text}"
+        );
+        assert!(
+            text.contains("not the key the log was written with"),
+            "{text}"
+        );
+        let report = verify(&log.files(), &ChainKey::plain()).unwrap();
+        assert!(
+            !report.is_ok(),
+            "a keyed log does not verify as plain SHA-256"
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_reported_as_such_not_as_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let active = log.files()[2].clone();
+        let text = std::fs::read_to_string(&active).unwrap();
+        std::fs::write(&active, &text[..text.len() - 30]).unwrap();
+        let report = verify(&log.files(), &log.key).unwrap();
+        assert_eq!(
+            report.to_string(),
+            format!(
+                "ok: 14 lines, seq 1..14\nnote: {}:5: torn last line (an incomplete write, e.g. a crash); not part of the chain",
+                active.display()
+            )
+        );
+    }
+
+    #[test]
+    fn named_files_are_walked_in_written_order_whatever_order_they_are_given_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = three_files(dir.path());
+        let mut files = log.files();
+        files.reverse();
+        let ordered = in_written_order(files);
+        assert_eq!(ordered, log.files());
+        assert!(verify(&ordered, &log.key).unwrap().is_ok());
+    }
+}

@@ -521,7 +521,7 @@ fn first_line_ts(path: &Path) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{events, Log};
+    use super::super::testutil::Log;
     use super::super::verify::{verify, Outcome};
     use super::*;
 
@@ -546,7 +546,7 @@ mod tests {
     fn lines_carry_seq_and_chain_last_and_a_restart_continues_them() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Never);
-        log.writer().write_batch(events(0, 3));
+        log.writer().write_batch(log.events(0, 3));
         let first = text(&log.path);
         let line1: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
         assert_eq!(line1["seq"], 1);
@@ -555,7 +555,7 @@ mod tests {
             && l.ends_with("\"}")
             && l.rfind(",\"chain\":\"") == Some(l.len() - 76)));
         // A restart: a new writer on the same file.
-        log.writer().write_batch(events(3, 2));
+        log.writer().write_batch(log.events(3, 2));
         let lines: Vec<serde_json::Value> = text(&log.path)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -571,9 +571,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Size(1000));
         let mut w = log.writer();
-        w.write_batch(events(0, 10));
+        w.write_batch(log.events(0, 10));
         log.clock.advance(Duration::from_secs(1));
-        w.write_batch(events(10, 10));
+        w.write_batch(log.events(10, 10));
         let files = log.files();
         assert!(files.len() >= 4, "{:?}", log.names());
         for f in &files {
@@ -586,7 +586,7 @@ mod tests {
         assert_verifies(&log, 20, (1, 20));
         // A restart picks up the size of the active file.
         let before = log.files().len();
-        log.writer().write_batch(events(20, 10));
+        log.writer().write_batch(log.events(20, 10));
         assert!(log.files().len() > before);
         assert_verifies(&log, 30, (1, 30));
     }
@@ -597,12 +597,12 @@ mod tests {
         let mut log = Log::new(dir.path(), Rotate::Hourly);
         log.clock = super::super::testutil::ManualClock::at("2026-12-05T10:59:59Z");
         let mut w = log.writer();
-        w.write_batch(events(0, 2));
+        w.write_batch(log.events(0, 2));
         log.clock.advance(Duration::from_secs(1));
-        w.write_batch(events(2, 2));
+        w.write_batch(log.events(2, 2));
         // An hour with no line makes no file.
         log.clock.advance(Duration::from_secs(2 * 3600));
-        w.write_batch(events(4, 1));
+        w.write_batch(log.events(4, 1));
         assert_eq!(
             log.names(),
             [
@@ -617,10 +617,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = Log::new(dir.path(), Rotate::Daily);
         log.clock = super::super::testutil::ManualClock::at("2026-12-05T23:59:00Z");
-        log.writer().write_batch(events(0, 1));
+        log.writer().write_batch(log.events(0, 1));
         // A restart on the next day rotates yesterday's file before the first line.
         log.clock.advance(Duration::from_secs(120));
-        log.writer().write_batch(events(1, 1));
+        log.writer().write_batch(log.events(1, 1));
         assert_eq!(log.names(), ["audit.log.2026-12-05T00-00-00Z", "audit.log"]);
         assert_verifies(&log, 2, (1, 2));
     }
@@ -632,7 +632,7 @@ mod tests {
         log.keep = Some(2);
         let mut w = log.writer();
         for i in 0..5 {
-            w.write_batch(events(i * 3, 3));
+            w.write_batch(log.events(i * 3, 3));
             log.clock.advance(Duration::from_secs(3600));
         }
         assert_eq!(
@@ -652,12 +652,12 @@ mod tests {
     fn a_torn_last_line_is_set_aside_and_the_chain_goes_on_from_the_last_whole_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Never);
-        log.writer().write_batch(events(0, 3));
+        log.writer().write_batch(log.events(0, 3));
         let whole = text(&log.path);
         // A crash in the middle of the third line.
         let cut = whole.len() - 40;
         std::fs::write(&log.path, &whole[..cut]).unwrap();
-        log.writer().write_batch(events(3, 2));
+        log.writer().write_batch(log.events(3, 2));
         let names = log.names();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(text(&log.files()[0]).ends_with(&whole[cut - 10..cut]));
@@ -676,13 +676,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Never);
         let mut w = log.writer();
-        w.write_batch(events(0, 2));
+        w.write_batch(log.events(0, 2));
         let moved = dir.path().join("audit.log.1");
         std::fs::rename(&log.path, &moved).unwrap();
-        w.write_batch(events(2, 1));
+        w.write_batch(log.events(2, 1));
         assert_eq!(text(&moved).lines().count(), 3, "still the open file");
         log.shared.reopen.store(true, Ordering::Release);
-        w.write_batch(std::iter::once(Line::Wake).chain(events(3, 2)));
+        w.write_batch(std::iter::once(Line::Wake).chain(log.events(3, 2)));
         assert_eq!(text(&log.path).lines().count(), 2);
         let report = verify(&[moved, log.path.clone()], &log.key).unwrap();
         assert!(report.is_ok(), "{report}");
@@ -694,19 +694,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Never);
         let mut w = log.writer();
-        w.write_batch(events(0, 2));
+        w.write_batch(log.events(0, 2));
         // A full disk: every write fails with ENOSPC.
         let good = dir.path().join("good.log");
         std::fs::rename(&log.path, &good).unwrap();
         std::os::unix::fs::symlink("/dev/full", &log.path).unwrap();
         log.shared.reopen.store(true, Ordering::Release);
-        w.write_batch(events(2, 3));
-        w.write_batch(events(5, 4));
+        w.write_batch(log.events(2, 3));
+        w.write_batch(log.events(5, 4));
         assert_eq!(log.dropped(), 7);
         // Space returns.
         std::fs::remove_file(&log.path).unwrap();
         std::fs::rename(&good, &log.path).unwrap();
-        w.write_batch(events(9, 1));
+        w.write_batch(log.events(9, 1));
         assert_eq!(log.dropped(), 7);
         let lines: Vec<serde_json::Value> = text(&log.path)
             .lines()
