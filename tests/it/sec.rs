@@ -1002,11 +1002,13 @@ async fn lenient_shapes_reach_the_upstream_with_one_framing() {
 const AUDIT_SECRET: &str = "sec-audit-client-secret-4c2f9a";
 const AUDIT_STATIC: &str = "sec-static-api-key-91be37";
 const AUDIT_CALLER_KEY: &str = "sec-caller-key-d80a61";
+const AUDIT_CHAIN_KEY: &str = "sec-audit-chain-key-5e7b20";
 
 fn scenario_config(idp: &MockIdp, up: &MockUpstream, plain: &MockUpstream, audit: &Path) -> String {
     std::env::set_var("SEC_AUDIT_SECRET", AUDIT_SECRET);
     std::env::set_var("SEC_AUDIT_STATIC", AUDIT_STATIC);
     std::env::set_var("SEC_AUDIT_CALLER_KEY", AUDIT_CALLER_KEY);
+    std::env::set_var("SEC_AUDIT_CHAIN_KEY", AUDIT_CHAIN_KEY);
     format!(
         r#"
 [admin]
@@ -1014,6 +1016,7 @@ addr = "127.0.0.1:0"
 
 [audit]
 file = "{audit}"
+key_env = "SEC_AUDIT_CHAIN_KEY"
 
 [providers.crm]
 grant = "client_credentials"
@@ -1160,8 +1163,9 @@ async fn audit_lines_match_the_contract_field_by_field() {
         .filter(|m| m.get("event").and_then(|e| e.as_str()) == Some("token_refresh"))
         .collect();
 
-    const REQUEST_FIELDS: [&str; 14] = [
+    const REQUEST_FIELDS: [&str; 16] = [
         "caller",
+        "chain",
         "client_addr",
         "duration_ms",
         "error",
@@ -1171,6 +1175,7 @@ async fn audit_lines_match_the_contract_field_by_field() {
         "replayed",
         "request_id",
         "route",
+        "seq",
         "status",
         "token_generation",
         "ts",
@@ -1235,7 +1240,8 @@ async fn audit_lines_match_the_contract_field_by_field() {
     assert_eq!(rp["upstream_status"], 200);
     assert_eq!(rp["token_generation"], 2, "generation of the last attempt");
 
-    const TOKEN_FIELDS: [&str; 9] = [
+    const TOKEN_FIELDS: [&str; 11] = [
+        "chain",
         "duration_ms",
         "error",
         "event",
@@ -1243,6 +1249,7 @@ async fn audit_lines_match_the_contract_field_by_field() {
         "generation",
         "outcome",
         "provider",
+        "seq",
         "trigger",
         "ts",
     ];
@@ -1316,6 +1323,7 @@ async fn no_secret_in_logs_audit_metrics_status_or_errors() {
         AUDIT_SECRET.to_owned(),
         AUDIT_STATIC.to_owned(),
         AUDIT_CALLER_KEY.to_owned(),
+        AUDIT_CHAIN_KEY.to_owned(),
         "query-secret".to_owned(),
     ]);
     assert!(secrets.len() >= 6, "{secrets:?}");
