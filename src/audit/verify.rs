@@ -106,7 +106,9 @@ fn first_seq(path: &Path) -> Option<u64> {
 /// files) after them in the order given. A shell glob lists `audit.log` before
 /// `audit.log.2026-…`; this puts it last.
 pub fn in_written_order(files: Vec<PathBuf>) -> Vec<PathBuf> {
-    let mut keyed: Vec<(Option<(String, u64)>, usize, PathBuf)> = files
+    // (rotation time and same-second number, position given, path)
+    type Keyed = (Option<(String, u64)>, usize, PathBuf);
+    let mut keyed: Vec<Keyed> = files
         .into_iter()
         .enumerate()
         .map(|(i, p)| {
