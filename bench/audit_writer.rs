@@ -56,7 +56,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dropped = metrics
             .render()
             .lines()
-            .find_map(|l| l.strip_prefix("authgate_audit_dropped_total ").map(str::to_owned))
+            .find_map(|l| {
+                l.strip_prefix("authgate_audit_dropped_total ")
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
         println!(
             "{name:<20} {lines} lines in {:.2} s: {:.0} lines/s, {:.0} MB/s written ({} bytes/line; queueing took {:.0} ns/line on the sending side; dropped {dropped})",
@@ -84,7 +87,9 @@ fn record(i: usize) -> RequestRecord {
         ts: SystemTime::now(),
         request_id: http::HeaderValue::from_static("0196f1a2-7c4e-7d1a-9b3e-5f2c8a1d4e6b"),
         caller: Some(Arc::from("billing")),
-        client_addr: "10.1.2.3:54321".parse().unwrap_or(([127, 0, 0, 1], 0).into()),
+        client_addr: "10.1.2.3:54321"
+            .parse()
+            .unwrap_or(([127, 0, 0, 1], 0).into()),
         route: Some(Arc::from("/crm")),
         provider: Some(Arc::from("crm")),
         method: http::Method::GET,

@@ -113,6 +113,9 @@ impl Writer {
                     std::fs::create_dir_all(dir)?;
                 }
             }
+            if set_aside_unchained(&path, w.clock.now())? {
+                tracing::warn!(file = %path.display(), "the audit log's last line carries no seq/chain (written before chaining); that file was set aside and a new chain starts at seq 1");
+            }
             w.state = resume_state(&path)?;
         }
         w.open_out()?;
@@ -482,13 +485,25 @@ fn resume_state(path: &Path) -> std::io::Result<ChainState> {
                 seq: p.seq,
                 chain: p.chain,
             },
-            None => {
-                tracing::warn!(file = %file.display(), "the audit log's last line carries no seq/chain; a new chain starts at seq 1");
-                ChainState::START
-            }
+            // A rotated file from before chaining: the chain starts anew.
+            None => ChainState::START,
         });
     }
     Ok(ChainState::START)
+}
+
+/// Moves an active file whose last whole line carries no chain (a log written
+/// before chaining) aside under its rotated name, so the new chain starts in a
+/// file of its own; true when it did.
+fn set_aside_unchained(path: &Path, now: SystemTime) -> std::io::Result<bool> {
+    match last_line(path)? {
+        Some((line, _)) if !line.is_empty() && chain::parse(&line).is_none() => {
+            let start = first_line_ts(path).unwrap_or(now);
+            std::fs::rename(path, rotation::rotated_name(path, start))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Moves a file whose last line is torn aside under its rotated name; true when
@@ -686,6 +701,21 @@ mod tests {
         assert_eq!(text(&log.path).lines().count(), 2);
         let report = verify(&[moved, log.path.clone()], &log.key).unwrap();
         assert!(report.is_ok(), "{report}");
+    }
+
+    #[test]
+    fn a_log_from_before_chaining_is_set_aside_and_a_new_chain_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        std::fs::write(
+            &log.path,
+            "{\"ts\":\"2026-12-01T08:00:00Z\",\"status\":200}\n",
+        )
+        .unwrap();
+        log.writer().write_batch(log.events(0, 2));
+        assert_eq!(log.names(), ["audit.log.2026-12-01T08-00-00Z", "audit.log"]);
+        let report = verify(&[log.path.clone()], &log.key).unwrap();
+        assert_eq!(report.to_string(), "ok: 2 lines, seq 1..2");
     }
 
     #[cfg(target_os = "linux")]
