@@ -239,7 +239,7 @@ impl Metrics {
         );
         registry.register(
             "authgate_audit_dropped",
-            "Audit lines lost because the writer fell behind",
+            "Audit lines lost: the writer's queue was full, or the file could not be written",
             audit_dropped.clone(),
         );
         registry.register(
