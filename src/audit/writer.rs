@@ -20,6 +20,8 @@ use crate::metrics::Metrics;
 
 /// A batch written in one system call stops growing here.
 const BATCH_BYTES: usize = 256 * 1024;
+/// Lines taken from the queue between two looks at the clock and the flags.
+const BATCH_LINES: usize = 4096;
 /// After a failed rename, rotation is not retried sooner than this.
 const ROTATE_RETRY: Duration = Duration::from_secs(60);
 
@@ -125,11 +127,16 @@ impl Writer {
     /// Runs until every sender is gone and the queue is drained.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Line>) {
         while let Some(first) = rx.blocking_recv() {
-            let mut next = Some(first);
+            let mut first = Some(first);
+            let mut taken = 0;
+            // Bounded, so that under a queue that never empties the flags, the
+            // clock and the drop counter are still looked at between batches.
             let batch = std::iter::from_fn(|| {
-                let line = next.take()?;
-                next = rx.try_recv().ok();
-                Some(line)
+                if taken == BATCH_LINES {
+                    return None;
+                }
+                taken += 1;
+                first.take().or_else(|| rx.try_recv().ok())
             });
             self.write_batch(batch);
         }
@@ -701,6 +708,21 @@ mod tests {
         assert_eq!(text(&log.path).lines().count(), 2);
         let report = verify(&[moved, log.path.clone()], &log.key).unwrap();
         assert!(report.is_ok(), "{report}");
+    }
+
+    #[test]
+    fn the_run_loop_writes_every_queued_line_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        let n = 3 * BATCH_LINES + 7;
+        let (tx, rx) = mpsc::channel(n);
+        for line in log.events(0, n) {
+            tx.try_send(line).unwrap();
+        }
+        drop(tx);
+        log.writer().run(rx);
+        assert_eq!(text(&log.path).lines().count(), n);
+        assert_verifies(&log, n as u64, (1, n as u64));
     }
 
     #[test]
