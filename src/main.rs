@@ -176,7 +176,13 @@ fn audit_verify(flag: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
         verify::in_written_order(files)
     };
     match verify::verify(&files, &key) {
-        Ok(report) => {
+        Ok(mut report) => {
+            if config.is_none() {
+                report.notes.push(format!(
+                    "no config ({} not found): verified as a chain without a key (SHA-256)",
+                    path.display()
+                ));
+            }
             println!("{report}");
             if report.is_ok() {
                 ExitCode::SUCCESS

@@ -159,6 +159,10 @@ impl Writer {
         }
         let now = self.clock.now();
         self.maybe_rotate_by_time(now);
+        if self.file_len == 0 {
+            // A file is named by the time of its first line, not of its opening.
+            self.file_start = now;
+        }
         let queue_total = self.shared.dropped.load(Ordering::Relaxed);
         if queue_total != self.queue_seen {
             tracing::warn!(
