@@ -39,7 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             target: AuditTarget::File(path.clone()),
             buffer: lines,
             rotate,
-            keep: Some(0),
+            keep: None,
             key,
         };
         let metrics = authgate::metrics::Metrics::new();
@@ -52,7 +52,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         drop(sink);
         task.await?;
         let took = start.elapsed();
-        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let prefix = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let mut bytes = 0;
+        for f in std::fs::read_dir(&dir)? {
+            let f = f?;
+            if f.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                bytes += f.metadata()?.len();
+            }
+        }
         let dropped = metrics
             .render()
             .lines()
