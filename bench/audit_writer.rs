@@ -60,7 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut bytes = 0;
         for f in std::fs::read_dir(&dir)? {
             let f = f?;
-            if f.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            if f.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
                 bytes += f.metadata()?.len();
             }
         }

@@ -747,7 +747,7 @@ mod tests {
         .unwrap();
         log.writer().write_batch(log.events(0, 2));
         assert_eq!(log.names(), ["audit.log.2026-12-01T08-00-00Z", "audit.log"]);
-        let report = verify(&[log.path.clone()], &log.key).unwrap();
+        let report = verify(std::slice::from_ref(&log.path), &log.key).unwrap();
         assert_eq!(report.to_string(), "ok: 2 lines, seq 1..2");
     }
 
