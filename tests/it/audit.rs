@@ -287,15 +287,25 @@ async fn sighup_reopens_the_audit_file() {
     assert!(st.success());
     // Requests until one lands in the new file (the reopen happens before the
     // writer's next line after the signal is handled).
+    let sent = std::sync::atomic::AtomicUsize::new(1);
     until("a line in a new audit.log", || async {
         assert_eq!(c.get(&url).await.status, StatusCode::OK);
+        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         line_count(&path) >= 1
+    })
+    .await;
+    let n = sent.load(std::sync::atomic::Ordering::Relaxed);
+    until("every request's line written", || async {
+        line_count(&path) + line_count(&moved) == n
     })
     .await;
     let out = verify_cmd(&cfg, &[path.clone(), moved.clone()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    let n = line_count(&path) + line_count(&moved);
-    assert!(stdout(&out).starts_with(&format!("ok: {n} lines, seq 1..{n}")));
+    assert!(
+        stdout(&out).starts_with(&format!("ok: {n} lines, seq 1..{n}")),
+        "{}",
+        stdout(&out)
+    );
 
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
