@@ -737,6 +737,28 @@ mod tests {
     }
 
     #[test]
+    fn lines_dropped_on_a_full_queue_are_recorded_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(dir.path(), Rotate::Never);
+        let mut w = log.writer();
+        w.write_batch(log.events(0, 1));
+        // What `AuditSink::send` does when the queue is full.
+        log.shared.dropped.fetch_add(5, Ordering::Relaxed);
+        w.write_batch(log.events(1, 1));
+        w.write_batch(log.events(2, 1));
+        let lines: Vec<serde_json::Value> = text(&log.path)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4, "one record of the gap, once");
+        assert_eq!(lines[1]["event"], "audit_lines_lost");
+        assert_eq!(lines[1]["queue_full"], 5);
+        assert_eq!(lines[1]["write_failed"], 0);
+        let notes = assert_verifies(&log, 4, (1, 4));
+        assert!(notes[0].contains("5 with the queue full"), "{notes:?}");
+    }
+
+    #[test]
     fn a_log_from_before_chaining_is_set_aside_and_a_new_chain_starts() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(dir.path(), Rotate::Never);
