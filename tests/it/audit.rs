@@ -307,8 +307,15 @@ async fn sighup_reopens_the_audit_file() {
         stdout(&out)
     );
 
-    let _ = std::process::Command::new("kill")
+    // The writer thread ends with the gateway: SIGTERM still exits 0, promptly.
+    let st = std::process::Command::new("kill")
         .args(["-TERM", &pid])
-        .status();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait()).await;
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("no exit within 20 s after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
