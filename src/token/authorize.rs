@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::oauth::{self, GrantRequest, TokenError};
+use super::oauth::{GrantRequest, TokenError};
 use super::{wait_outcome, Flight, FlightGuard, LastRefresh, Outcome, Provider, Token, Trigger};
 use crate::secret::Secret;
 use crate::store::StoredToken;
@@ -69,7 +69,7 @@ impl Provider {
         verifier: &Secret,
         redirect_uri: &str,
     ) -> Outcome {
-        let (Some(http), Some(client)) = (&self.http, self.cfg.oauth()) else {
+        let Some(source) = &self.source else {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         };
         let grant = GrantRequest::AuthorizationCode {
@@ -77,7 +77,7 @@ impl Provider {
             verifier,
             redirect_uri,
         };
-        let resp = oauth::request_token(http, client, &self.credential, grant).await?;
+        let resp = source.request(grant).await?;
         let Some(refresh_token) = resp.refresh_token else {
             return Err(TokenError::InvalidResponse(
                 "no refresh_token in the answer to the authorization code (does the scope need offline_access?)".into(),

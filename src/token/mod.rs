@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::HeaderValue;
-use http_body_util::Full;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -20,23 +19,26 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::AuditSink;
 use crate::config::{Grant, ProviderConfig};
 use crate::metrics::ProviderMetrics;
-use crate::outbound::client::HttpClient;
 use crate::secret::Secret;
 use crate::store::{StoredToken, TokenStore};
 
 mod authorize;
 mod events;
 pub mod oauth;
+pub mod policy;
+pub mod source;
+#[cfg(test)]
+mod tests;
+
+pub use source::{OAuthSource, TokenSource};
 mod view;
 
 pub use events::{TokenEventRecord, TokenEvents, EVENTS_KEPT};
 pub use view::{ProviderState, ProviderView};
 
-use oauth::{ClientCredential, GrantRequest, Retry, TokenError};
+use oauth::{GrantRequest, Retry, TokenError};
+use policy::Policy;
 
-/// Default proactive margin: refresh this long before expiry, or at half the
-/// lifetime for short-lived tokens.
-const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One credential, as injected.
@@ -213,6 +215,17 @@ struct State {
     max_generation: u64,
 }
 
+/// Why a provider cannot be built (start-up or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
+    #[error("{0}")]
+    Token(String),
+}
+
 /// One configured provider: its token cell and the machinery that keeps it fresh.
 pub struct Provider {
     pub name: Arc<str>,
@@ -220,8 +233,8 @@ pub struct Provider {
     cell: ArcSwapOption<Token>,
     state: Mutex<State>,
     wake: Notify,
-    credential: ClientCredential,
-    http: Option<HttpClient<Full<Bytes>>>,
+    /// `None` for a `static` provider: its token never changes.
+    source: Option<Arc<dyn TokenSource>>,
     store: Arc<StoreHandle>,
     metrics: ProviderMetrics,
     audit: Option<AuditSink>,
@@ -266,40 +279,34 @@ pub struct ProviderDeps {
 impl Provider {
     /// Loads the provider's secrets and builds its token-endpoint client. A
     /// `static` provider holds its token from here on.
-    pub fn new(cfg: ProviderConfig, deps: ProviderDeps) -> Result<Arc<Self>, String> {
-        let name: Arc<str> = Arc::from(cfg.name.as_str());
-        let (credential, http, seed) = match &cfg.grant {
-            Grant::Static { .. } => (ClientCredential::None, None, None),
-            Grant::ClientCredentials(c) | Grant::RefreshToken { client: c, .. } => {
-                let credential = ClientCredential::load(&c.auth)?;
-                let client_cert = match &c.auth {
-                    crate::config::ClientAuth::TlsClientAuth { cert, key } => {
-                        Some((cert.as_path(), key.as_path()))
-                    }
-                    _ => None,
-                };
-                let http = crate::outbound::client::build(
-                    c.ca.as_deref(),
-                    client_cert,
-                    false,
-                    &deps.proxy,
-                )
-                .map_err(|e| format!("token endpoint TLS: {e}"))?;
-                let seed = match &cfg.grant {
-                    Grant::RefreshToken {
-                        initial_refresh_token: Some(src),
-                        ..
-                    } => Some(src.load().map_err(|e| e.to_string())?),
-                    _ => None,
-                };
-                (credential, Some(http), seed)
+    pub fn new(cfg: ProviderConfig, deps: ProviderDeps) -> Result<Arc<Self>, ProviderError> {
+        let source = match cfg.oauth() {
+            Some(client) => {
+                Some(Arc::new(OAuthSource::new(client, &deps.proxy)?) as Arc<dyn TokenSource>)
             }
+            None => None,
+        };
+        Self::with_source(cfg, deps, source)
+    }
+
+    /// A provider asking `source` for its tokens (`None`: a `static` provider).
+    pub fn with_source(
+        cfg: ProviderConfig,
+        deps: ProviderDeps,
+        source: Option<Arc<dyn TokenSource>>,
+    ) -> Result<Arc<Self>, ProviderError> {
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        let seed = match &cfg.grant {
+            Grant::RefreshToken {
+                initial_refresh_token: Some(src),
+                ..
+            } => Some(src.load()?),
+            _ => None,
         };
         let fingerprint = fingerprint(&cfg);
         let provider = Arc::new(Provider {
             name,
-            credential,
-            http,
+            source,
             store: deps.store,
             metrics: deps.metrics,
             audit: deps.audit,
@@ -321,8 +328,10 @@ impl Provider {
             cfg,
         });
         if let Grant::Static { token } = &provider.cfg.grant {
-            let value = token.load().map_err(|e| e.to_string())?;
-            let t = provider.make_token(value, None, None, 1)?;
+            let value = token.load()?;
+            let t = provider
+                .make_token(value, None, None, 1)
+                .map_err(ProviderError::Token)?;
             provider.cell.store(Some(Arc::new(t)));
             provider.metrics.set_expiry(None);
         }
@@ -332,7 +341,7 @@ impl Provider {
     /// Starts the background refresher (OAuth grants only): the first token is
     /// fetched now, then kept fresh before it expires.
     pub fn start(self: &Arc<Self>) {
-        if self.http.is_none() {
+        if self.source.is_none() {
             return;
         }
         let this = self.clone();
@@ -346,7 +355,7 @@ impl Provider {
     }
 
     pub fn is_static(&self) -> bool {
-        self.http.is_none()
+        self.source.is_none()
     }
 
     /// The current token, whatever its validity.
@@ -504,19 +513,17 @@ impl Provider {
         }
     }
 
-    /// `min_refresh_interval`, doubled for each useless refresh in a row, capped at
-    /// ten minutes (or the configured interval, if larger).
+    /// How far apart 401-driven refreshes must be now (see `Policy::spacing`).
     fn refresh_spacing(&self) -> Duration {
-        let base = self.cfg.min_refresh_interval;
-        let streak = self.useless_streak.load(Ordering::Relaxed).min(16) as u32;
-        if streak == 0 {
-            return base;
+        self.policy()
+            .spacing(self.useless_streak.load(Ordering::Relaxed))
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            refresh_before: self.cfg.refresh_before,
+            min_refresh_interval: self.cfg.min_refresh_interval,
         }
-        // Even with `min_refresh_interval = "0s"`, useless refreshes back off.
-        let floor = base.max(crate::config::DEFAULT_MIN_REFRESH_INTERVAL);
-        floor
-            .saturating_mul(1 << streak)
-            .min(base.max(Duration::from_secs(600)))
     }
 
     /// Asks for a refresh now (admin or CLI); returns its outcome.
@@ -595,15 +602,8 @@ impl Provider {
             Err(e) => {
                 self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
                 let retry = e.retry();
-                let delay = match retry {
-                    Retry::Transient(after) => {
-                        Some(after.unwrap_or_else(|| backoff(st.failures + 1, 1, 60)))
-                    }
-                    Retry::Slow => Some(backoff(st.failures + 1, 30, 600)),
-                    Retry::Never => Some(Duration::from_secs(3600)),
-                    // The IdP works and the token it holds is still ours: no backoff.
-                    Retry::Unneeded => None,
-                };
+                // `None`: the IdP works and the token it holds is still ours.
+                let delay = policy::retry_delay(retry, st.failures + 1, policy::backoff_fraction());
                 match delay {
                     Some(delay) => {
                         st.failures = st.failures.saturating_add(1);
@@ -871,7 +871,7 @@ impl Provider {
     /// Asks the IdP. `leased`: we hold the fleet lease, so the first save is awaited
     /// before returning (the lease is released after).
     async fn fetch(self: &Arc<Self>, leased: bool) -> Outcome {
-        let (Some(http), Some(client)) = (&self.http, self.cfg.oauth()) else {
+        let Some(source) = &self.source else {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         };
         let refresh_token = self.state().refresh_token.clone();
@@ -881,7 +881,7 @@ impl Provider {
             _ => GrantRequest::ClientCredentials,
         };
         let is_refresh = matches!(grant, GrantRequest::RefreshToken(_));
-        let resp = match oauth::request_token(http, client, &self.credential, grant).await {
+        let resp = match source.request(grant).await {
             Ok(r) => r,
             Err(TokenError::OAuth { code, .. }) if is_refresh && code == "invalid_grant" => {
                 return Err(TokenError::ReauthRequired)
@@ -974,7 +974,8 @@ impl Provider {
             let mut agreed = false;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff(attempt, 1, 60)) => {}
+                    _ = tokio::time::sleep(policy::backoff(attempt, Duration::from_secs(1),
+                        Duration::from_secs(60), policy::backoff_fraction())) => {}
                     _ = this.shutdown.cancelled() => break,
                 }
                 if this.reconcile(true).await {
@@ -1106,10 +1107,7 @@ impl Provider {
 
     /// How long before expiry a token is refreshed.
     fn margin(&self, lifetime: Duration) -> Duration {
-        self.cfg
-            .refresh_before
-            .unwrap_or(DEFAULT_REFRESH_BEFORE)
-            .min(lifetime / 2)
+        self.policy().margin(lifetime)
     }
 
     /// The background refresher: fetch at start-up, then before each expiry, and
@@ -1165,15 +1163,10 @@ impl Provider {
                 expires_at: Some(exp),
                 lifetime: Some(life),
                 ..
-            }) => {
-                let margin = self.margin(*life);
-                // Jitter so a fleet of gateways does not refresh in lockstep.
-                let jitter = margin.mul_f64(rand::random_range(0.0..0.1));
-                Some(
-                    exp.checked_sub(margin + jitter)
-                        .unwrap_or_else(Instant::now),
-                )
-            }
+            }) => Some(
+                self.policy()
+                    .refresh_at(*exp, *life, policy::refresh_jitter()),
+            ),
             Some(_) => None,
         }
     }
@@ -1260,7 +1253,12 @@ impl Drop for FlightGuard {
                 let mut st = p.state();
                 st.flight = None;
                 st.failures = st.failures.saturating_add(1);
-                st.retry_at = Some(Instant::now() + backoff(st.failures, 1, 60));
+                let delay = policy::retry_delay(
+                    Retry::Transient(None),
+                    st.failures,
+                    policy::backoff_fraction(),
+                );
+                st.retry_at = delay.map(|d| Instant::now() + d);
             }
             // A runtime shutting down drops the task too: nothing to report then.
             if !p.shutdown.is_cancelled() {
@@ -1276,14 +1274,6 @@ async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>, wait: Duration) 
         Ok(Ok(v)) => v.clone().unwrap_or(Err(TokenError::Abandoned)),
         _ => Err(TokenError::Abandoned),
     }
-}
-
-/// Exponential backoff with full jitter between half and all of the step.
-fn backoff(attempt: u32, base_secs: u64, cap_secs: u64) -> Duration {
-    let step = base_secs
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
-        .min(cap_secs);
-    Duration::from_secs_f64(step as f64 * rand::random_range(0.5..=1.0))
 }
 
 fn unix_now() -> i64 {

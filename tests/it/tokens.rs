@@ -246,7 +246,8 @@ async fn idp_down_fails_fast_with_503_and_bounded_token_requests() {
     // The first request waits for the first fetch, which fails.
     let r = c.get(&gw.url("/crm/x")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    let started = std::time::Instant::now();
+    // Failing fast (no wait, at most one token request in flight) is timed on a
+    // paused clock in the token core's unit tests; here, the answer's shape.
     for _ in 0..300 {
         let r = c.get(&gw.url("/crm/x")).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -255,7 +256,6 @@ async fn idp_down_fails_fast_with_503_and_bounded_token_requests() {
         let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!(ra >= 1);
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "fail fast");
     assert!(idp.requests() <= 4, "{} token requests", idp.requests());
     assert_eq!(up.count(), 0);
     // Recovery: the background refresher retries with backoff.
@@ -264,26 +264,25 @@ async fn idp_down_fails_fast_with_503_and_bounded_token_requests() {
     assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
 }
 
+/// End to end: a token about to expire is replaced in the background, and no
+/// request carries an expired one. When exactly the refresh comes (the margin and
+/// its jitter) is timed on a paused clock in the token core's unit tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proactive_refresh_keeps_short_lived_tokens_fresh() {
     let idp = MockIdp::start().await;
-    // Tokens live 2 s; the upstream refuses them once expired.
+    // Tokens live 2 s: the refresh is due after about 1 s.
     idp.set_expires_in(Some(serde_json::json!(2)));
     let up = MockUpstream::with_idp(&idp).await;
     let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
     gw.ready().await;
     let c = Client::new();
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(5) {
-        let r = c.get(&gw.url("/crm/x")).await;
-        assert_eq!(r.status, StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        idp.requests() >= 3,
-        "refreshed before each expiry: {}",
-        idp.requests()
-    );
+    let first = gw.provider("crm").current().unwrap().generation;
+    until("a proactive refresh", || async {
+        assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
+        gw.provider("crm").current().unwrap().generation > first
+    })
+    .await;
+    assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
     assert_eq!(
         up.unauthorized(),
         0,
@@ -539,34 +538,6 @@ async fn token_command_prints_metadata_and_hides_the_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_client"));
     let _ = Arc::new(());
-}
-
-#[tokio::test]
-async fn the_current_token_serves_until_it_really_expires_while_the_idp_is_down() {
-    let idp = MockIdp::start().await;
-    idp.set_expires_in(Some(serde_json::json!(2)));
-    let up = MockUpstream::with_idp(&idp).await;
-    let gw = TestGateway::start(&cc_config(&idp, &up, "", "")).await;
-    gw.ready().await;
-    idp.fail_with(Some(Failure::Status(500, "{}".into())));
-    let c = Client::new();
-    let expires = std::time::Instant::now() + Duration::from_secs(2);
-    // Proactive refreshes fail from the 1 s mark on; the token still serves.
-    while std::time::Instant::now() + Duration::from_millis(300) < expires {
-        assert_eq!(c.get(&gw.url("/crm/x")).await.status, StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    while std::time::Instant::now() < expires + Duration::from_millis(100) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let r = c.get(&gw.url("/crm/x")).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(r.json()["error"], "token_unavailable");
-    assert!(
-        idp.requests() <= 4,
-        "backoff, not a loop: {}",
-        idp.requests()
-    );
 }
 
 #[tokio::test]
