@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::flight::{wait_outcome, Flight, FlightGuard, Outcome};
 use super::oauth::{GrantRequest, TokenError};
-use super::{wait_outcome, Flight, FlightGuard, LastRefresh, Outcome, Provider, Token, Trigger};
+use super::{LastRefresh, Provider, Token, Trigger};
 use crate::secret::Secret;
 use crate::store::StoredToken;
 

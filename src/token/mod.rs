@@ -1,18 +1,23 @@
 //! Token lifecycle (DESIGN.md, "Token lifecycle"). Each provider holds its current
-//! token in a lock-free cell with a generation number. Requests read the cell and
-//! nothing else. Refreshes are single flight: one token request per provider at a
-//! time, run in its own task (a waiter giving up never cancels it — a rotated
-//! refresh token must never be lost mid-flight), every waiter sharing its result.
+//! token in a lock-free cell with a generation number; requests read the cell and
+//! nothing else. This file is the provider's public face (what requests, the admin
+//! listener and the background refresher call) and the refresh decision itself;
+//! the parts live beside it:
+//! - `cell`: the token, the cell and its generation fence;
+//! - `flight`: single flight, one token request at a time, every waiter sharing it;
+//! - `policy`: margin, jitter, 401 spacing and backoff, as pure functions;
+//! - `source`: where tokens come from (the IdP's token endpoint, or a test fake);
+//! - `persist`: the store and the fleet: saving, adopting, reconciling;
+//! - `authorize`, `events`, `view`: reauthorization, the recent-events ring, the
+//!   console's view of a provider.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
-use http::HeaderValue;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -20,67 +25,30 @@ use crate::audit::AuditSink;
 use crate::config::{Grant, ProviderConfig};
 use crate::metrics::ProviderMetrics;
 use crate::secret::Secret;
-use crate::store::{StoredToken, TokenStore};
+use crate::store::StoredToken;
 
 mod authorize;
+mod cell;
 mod events;
+mod flight;
 pub mod oauth;
+mod persist;
 pub mod policy;
 pub mod source;
 #[cfg(test)]
 mod tests;
-
-pub use source::{OAuthSource, TokenSource};
 mod view;
 
+pub use cell::{Credential, Token};
 pub use events::{TokenEventRecord, TokenEvents, EVENTS_KEPT};
+pub use persist::StoreHandle;
+pub use source::{OAuthSource, TokenSource};
 pub use view::{ProviderState, ProviderView};
 
+use flight::{wait_outcome, Flight, Outcome};
 use oauth::{GrantRequest, Retry, TokenError};
+use persist::{fingerprint, Adopt};
 use policy::Policy;
-
-const STORE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One credential, as injected.
-pub struct Token {
-    pub generation: u64,
-    /// The header value (`Bearer <token>` or the bare value), built once, sensitive.
-    pub header_value: HeaderValue,
-    pub access_token: Secret,
-    pub scope: Option<String>,
-    /// Monotonic expiry; `None` = used until a 401.
-    pub expires_at: Option<Instant>,
-    pub lifetime: Option<Duration>,
-    pub obtained_at: SystemTime,
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("generation", &self.generation)
-            .field("header_value", &"***")
-            .field("scope", &self.scope)
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
-impl Token {
-    pub fn is_valid(&self, now: Instant) -> bool {
-        self.expires_at.is_none_or(|e| now < e)
-    }
-
-    pub fn expires_in(&self, now: Instant) -> Option<Duration> {
-        self.expires_at.map(|e| e.saturating_duration_since(now))
-    }
-}
-
-/// What a request injects: the header value and the generation it came from.
-#[derive(Debug, Clone)]
-pub struct Credential {
-    pub header_value: HeaderValue,
-    pub generation: u64,
-}
 
 /// Why a request cannot have a token now.
 #[derive(Debug, Clone)]
@@ -110,79 +78,6 @@ impl Trigger {
             Trigger::Authorization => "authorization",
         }
     }
-}
-
-/// Why the stored token is being read: what it must be to be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Adopt {
-    /// As the result of a refresh, instead of asking the IdP (start-up, or under
-    /// the fleet lease): must be of a generation above `above` (the one held when
-    /// the refresh was asked for) and valid beyond the refresh margin.
-    Refresh { above: Option<u64> },
-    /// Another replica's refresh: must supersede ours and be valid.
-    Notified,
-}
-
-/// Shared by every provider: where tokens are persisted and how health shows.
-#[derive(Debug)]
-pub struct StoreHandle {
-    pub store: Arc<dyn TokenStore>,
-    failing: std::sync::atomic::AtomicBool,
-    /// Saves still being retried. While any is pending, a successful read does not
-    /// mean the store is healthy (a rotated refresh token may not be on disk yet).
-    pending_saves: std::sync::atomic::AtomicUsize,
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl StoreHandle {
-    pub fn new(store: Arc<dyn TokenStore>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            store,
-            failing: false.into(),
-            pending_saves: 0.into(),
-            metrics,
-        })
-    }
-
-    /// Whether durability is degraded: the last write failed, or the backend
-    /// (fleet database) is unreachable.
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed) || !self.store.healthy()
-    }
-
-    /// A read succeeded: the store works again, unless a write is still pending.
-    pub fn record_read_ok(&self) {
-        if self.pending_saves.load(Ordering::SeqCst) == 0 {
-            self.record(&Ok(()));
-        }
-    }
-
-    /// Records an outcome; logs only when the state changes (not per attempt).
-    pub fn record(&self, result: &Result<(), String>) {
-        match result {
-            Ok(()) => {
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(store = self.store.kind(), "token store recovered");
-                }
-            }
-            Err(e) => {
-                self.metrics.store_error();
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(store = self.store.kind(), error = %e, "token store failing; serving from memory");
-                }
-            }
-        }
-    }
-}
-
-type Outcome = Result<Arc<Token>, TokenError>;
-
-/// The refresh in flight: where its outcome will be published, and the generation
-/// held when it was asked for (its result is above that generation, or an error).
-#[derive(Debug)]
-struct Flight {
-    outcome: watch::Receiver<Option<Outcome>>,
-    above: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -358,19 +253,6 @@ impl Provider {
         self.source.is_none()
     }
 
-    /// The current token, whatever its validity.
-    pub fn current(&self) -> Option<Arc<Token>> {
-        self.cell.load_full()
-    }
-
-    /// Whether the provider holds a valid token (readiness).
-    pub fn is_ready(&self) -> bool {
-        self.cell
-            .load()
-            .as_ref()
-            .is_some_and(|t| t.is_valid(Instant::now()))
-    }
-
     /// The request path: the current credential if valid — a load from the cell and
     /// nothing else. Without one, waits on the refresh in flight (or the first
     /// fetch), bounded by `wait`, or fails fast while the IdP is failing. `now` is
@@ -526,25 +408,6 @@ impl Provider {
         }
     }
 
-    /// Asks for a refresh now (admin or CLI); returns its outcome.
-    pub async fn refresh_now(
-        self: &Arc<Self>,
-        trigger: Trigger,
-        wait: Duration,
-    ) -> Result<Arc<Token>, TokenError> {
-        if self.is_static() {
-            return self.current().ok_or(TokenError::Abandoned);
-        }
-        let rx = {
-            let mut st = self.state();
-            match &st.flight {
-                Some(f) => f.outcome.clone(),
-                None => self.launch(&mut st, trigger),
-            }
-        };
-        wait_outcome(rx, wait).await
-    }
-
     /// What a refresh not caused by a 401 is: the first fetch, or one for expiry.
     fn background_trigger(&self) -> Trigger {
         if self.cell.load().is_none() {
@@ -552,35 +415,6 @@ impl Provider {
         } else {
             Trigger::Expiry
         }
-    }
-
-    /// Starts a refresh task. Called with the state lock held, so two callers can
-    /// never both start one.
-    fn launch(
-        self: &Arc<Self>,
-        st: &mut State,
-        trigger: Trigger,
-    ) -> watch::Receiver<Option<Outcome>> {
-        let (tx, rx) = watch::channel(None);
-        let held = self.current();
-        st.flight = Some(Flight {
-            outcome: rx.clone(),
-            above: held.as_ref().map(|t| t.generation),
-        });
-        st.last_start = Some(Instant::now());
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut guard = FlightGuard(Some(this.clone()));
-            let started = Instant::now();
-            let outcome = this.obtain(trigger, held).await;
-            this.finish(trigger, started, &outcome);
-            // Clear the flight before publishing the outcome: a waiter that wakes
-            // and immediately needs another refresh must be able to start one.
-            this.state().flight = None;
-            guard.0 = None;
-            let _ = tx.send(Some(outcome));
-        });
-        rx
     }
 
     fn finish(&self, trigger: Trigger, started: Instant, outcome: &Outcome) {
@@ -729,145 +563,6 @@ impl Provider {
         }
     }
 
-    /// Publishes the stored token when it is what `why` asks for and supersedes the
-    /// cell: a newer generation, or the same generation with another token (two
-    /// replicas that refreshed while the database was down converge on the stored
-    /// row). Also takes the stored refresh token (the newest one always wins over
-    /// the configured seed).
-    async fn adopt_stored(self: &Arc<Self>, why: Adopt) -> Option<Arc<Token>> {
-        let startup = why == Adopt::Refresh { above: None };
-        let stored = self.load_stored(startup).await?;
-        {
-            let mut st = self.state();
-            st.max_generation = st.max_generation.max(stored.generation);
-            // A row older than our token (ours refreshed while the store was
-            // unreachable, not saved yet) holds a spent refresh token: keep ours.
-            let older = self
-                .current()
-                .is_some_and(|c| stored.generation < c.generation);
-            if let (Some(rt), false) = (&stored.refresh_token, older) {
-                st.refresh_token = Some(rt.clone());
-            }
-        }
-        if let Adopt::Refresh { above: Some(g) } = why {
-            if stored.generation <= g {
-                return None;
-            }
-        }
-        let supersedes = |held: Option<&Token>| {
-            held.is_none_or(|c| {
-                stored.generation > c.generation
-                    || (stored.generation == c.generation && stored.access_token != c.access_token)
-            })
-        };
-        if !supersedes(self.current().as_deref()) {
-            return None;
-        }
-        let now_wall = unix_now();
-        let remaining = match stored.expires_at_unix {
-            Some(exp) if exp <= now_wall => return None,
-            Some(exp) => Some(Duration::from_secs((exp - now_wall) as u64)),
-            None => None,
-        };
-        let lifetime = stored
-            .expires_at_unix
-            .map(|e| Duration::from_secs((e - stored.obtained_at_unix).max(1) as u64));
-        // Instead of a fetch, a token about to need refreshing is not worth taking:
-        // fetch now. A notified token is taken whenever it is still valid: ours is
-        // older and may already be revoked.
-        if why != Adopt::Notified {
-            if let (Some(rem), Some(life)) = (remaining, lifetime) {
-                if rem <= self.margin(life) {
-                    return None;
-                }
-            }
-        }
-        let token = self
-            .make_token(
-                stored.access_token.clone(),
-                remaining,
-                stored.scope.clone(),
-                stored.generation,
-            )
-            .ok()?;
-        let token = Arc::new(Token { lifetime, ..token });
-        if !self.publish(&token, supersedes) {
-            return None;
-        }
-        self.metrics
-            .set_expiry(token.expires_in(Instant::now()).map(|d| d.as_secs_f64()));
-        // The refresher sleeps until the old token's refresh time; it must re-plan
-        // for this one, or it would refresh early and ask the IdP for nothing.
-        self.wake.notify_one();
-        tracing::info!(provider = %self.name, generation = token.generation, "using stored token");
-        Some(token)
-    }
-
-    /// The current token if its generation is above `above` (any, when `None`) and
-    /// it is valid beyond the refresh margin.
-    fn newer_than(&self, above: Option<u64>) -> Option<Arc<Token>> {
-        let current = self.current()?;
-        if above.is_some_and(|g| current.generation <= g) {
-            return None;
-        }
-        let now = Instant::now();
-        let fresh = match (current.expires_in(now), current.lifetime) {
-            (Some(rem), Some(life)) => rem > self.margin(life),
-            (Some(rem), None) => !rem.is_zero(),
-            (None, _) => true,
-        };
-        fresh.then_some(current)
-    }
-
-    /// Stores `token` in the cell when `replaces` accepts the token held then. Under
-    /// the state lock, so a refresh and an adoption landing together can never put
-    /// an older generation back.
-    fn publish(&self, token: &Arc<Token>, replaces: impl FnOnce(Option<&Token>) -> bool) -> bool {
-        let _st = self.state();
-        let held = self.cell.load();
-        if !replaces(held.as_deref()) {
-            return false;
-        }
-        self.cell.store(Some(token.clone()));
-        true
-    }
-
-    /// The stored token for this provider, if any and obtained with our settings.
-    async fn load_stored(&self, startup: bool) -> Option<StoredToken> {
-        let stored =
-            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-                // A successful read clears the failing state only when no write
-                // is still being retried (a rotated refresh token not yet on disk).
-                Ok(Ok(s)) => {
-                    self.store.record_read_ok();
-                    s?
-                }
-                Ok(Err(e)) => {
-                    self.store.record(&Err(e.to_string()));
-                    return None;
-                }
-                Err(_) => {
-                    self.store.record(&Err("store read timed out".into()));
-                    return None;
-                }
-            };
-        if stored.fingerprint != self.fingerprint {
-            // Same client at the same IdP, other scope/audience/resource: the
-            // access token does not fit, but the stored refresh token is still the
-            // newest one the IdP knows (the configured seed may be spent).
-            if startup && same_client(&stored.fingerprint, &self.fingerprint) {
-                if let Some(rt) = &stored.refresh_token {
-                    self.state().refresh_token = Some(rt.clone());
-                }
-            }
-            if startup {
-                tracing::info!(provider = %self.name, "stored token was obtained with other provider settings; not using its access token");
-            }
-            return None;
-        }
-        Some(stored)
-    }
-
     /// Asks the IdP. `leased`: we hold the fleet lease, so the first save is awaited
     /// before returning (the lease is released after).
     async fn fetch(self: &Arc<Self>, leased: bool) -> Outcome {
@@ -945,164 +640,6 @@ impl Provider {
             tokio::spawn(async move { this.persist(stored).await });
         }
         Ok(token)
-    }
-
-    /// Publishes a token from the IdP; the one held then if that is newer (another
-    /// replica's, adopted meanwhile: the fleet's token wins).
-    fn publish_fetched(&self, token: Arc<Token>) -> Arc<Token> {
-        let generation = token.generation;
-        if self.publish(&token, |held| {
-            held.is_none_or(|h| h.generation <= generation)
-        }) {
-            return token;
-        }
-        self.current().unwrap_or(token)
-    }
-
-    /// Writes the token to the store; on failure keeps reconciling with the store
-    /// in the background (with backoff) until ours lands or a stored one wins.
-    async fn persist(self: &Arc<Self>, stored: StoredToken) {
-        self.latest_save
-            .fetch_max(stored.generation, Ordering::SeqCst);
-        if self.try_save(&stored).await {
-            return;
-        }
-        let this = self.clone();
-        self.store.pending_saves.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let mut attempt = 1;
-            let mut agreed = false;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(policy::backoff(attempt, Duration::from_secs(1),
-                        Duration::from_secs(60), policy::backoff_fraction())) => {}
-                    _ = this.shutdown.cancelled() => break,
-                }
-                if this.reconcile(true).await {
-                    agreed = true;
-                    break;
-                }
-                attempt += 1;
-            }
-            this.store.pending_saves.fetch_sub(1, Ordering::SeqCst);
-            // Store and cell agree again (our save landed, or a newer row was
-            // adopted): the store is healthy unless another save is pending.
-            if agreed {
-                this.store.record_read_ok();
-            }
-        });
-    }
-
-    /// Brings the cell and the store to one token: a stored token that supersedes
-    /// ours (newer generation, or the same generation with another token: the row
-    /// wins) is adopted; a token of ours newer than the row (refreshed while the
-    /// store was unreachable) is saved, and reaches the other replicas from there.
-    /// Returns whether the two agree now. `ours_pending`: our save failed and must
-    /// still land, even over a row obtained with other provider settings (as any
-    /// save of a new token does); a mere notification never fights over such a row,
-    /// or replicas running two configurations would overwrite each other forever.
-    async fn reconcile(self: &Arc<Self>, ours_pending: bool) -> bool {
-        if self.is_static() {
-            return true;
-        }
-        if self.adopt_stored(Adopt::Notified).await.is_some() {
-            return true;
-        }
-        let Some(token) = self.current() else {
-            return true;
-        };
-        let stored_generation =
-            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.load(&self.name)).await {
-                Ok(Ok(Some(s))) if s.fingerprint == self.fingerprint => {
-                    if s.generation > token.generation
-                        || (s.generation == token.generation
-                            && s.access_token == token.access_token)
-                    {
-                        // In agreement, or a newer row we cannot use (expired): a
-                        // refresh will follow either way; ours must not overwrite it.
-                        return true;
-                    }
-                    Some(s.generation)
-                }
-                Ok(Ok(Some(_))) if !ours_pending => return true,
-                Ok(Ok(_)) => None,
-                // Unreachable: try the save anyway, it reports the failure.
-                Ok(Err(_)) | Err(_) => None,
-            };
-        let refresh_token = self.state().refresh_token.clone();
-        let stored = self.stored_record(&token, refresh_token);
-        if stored_generation.is_some() {
-            tracing::info!(provider = %self.name, generation = token.generation,
-                "token store reachable again; saving the token refreshed while it was not");
-        }
-        self.try_save(&stored).await
-    }
-
-    /// The store's record of `token` (wall-clock times, for the next start-up).
-    fn stored_record(&self, token: &Token, refresh_token: Option<Secret>) -> StoredToken {
-        let obtained_at_unix = token
-            .obtained_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        StoredToken {
-            access_token: token.access_token.clone(),
-            refresh_token,
-            token_type: "Bearer".into(),
-            scope: token.scope.clone(),
-            expires_at_unix: token
-                .lifetime
-                .map(|l| obtained_at_unix + l.as_secs() as i64),
-            generation: token.generation,
-            obtained_at_unix,
-            fingerprint: self.fingerprint.clone(),
-        }
-    }
-
-    /// Saves `stored` unless a newer token was handed to `persist` meanwhile (then
-    /// there is nothing left to do: true).
-    async fn try_save(&self, stored: &StoredToken) -> bool {
-        let _saving = self.save_lock.lock().await;
-        if self.latest_save.load(Ordering::SeqCst) > stored.generation {
-            return true;
-        }
-        let res =
-            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored))
-                .await
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("store write timed out".to_owned()),
-            };
-        let ok = res.is_ok();
-        self.store.record(&res);
-        ok
-    }
-
-    fn make_token(
-        &self,
-        value: Secret,
-        lifetime: Option<Duration>,
-        scope: Option<String>,
-        generation: u64,
-    ) -> Result<Token, String> {
-        let text = if self.cfg.scheme.is_empty() {
-            value.expose().to_owned()
-        } else {
-            format!("{} {}", self.cfg.scheme, value.expose())
-        };
-        let mut header_value = HeaderValue::from_maybe_shared(Bytes::from(text))
-            .map_err(|_| "token has characters not allowed in a header".to_owned())?;
-        header_value.set_sensitive(true);
-        let now = Instant::now();
-        Ok(Token {
-            generation,
-            header_value,
-            access_token: value,
-            scope,
-            expires_at: lifetime.map(|l| now + l),
-            lifetime,
-            obtained_at: SystemTime::now(),
-        })
     }
 
     /// How long before expiry a token is refreshed.
@@ -1184,14 +721,6 @@ impl Provider {
         self.shutdown.cancel();
     }
 
-    /// Fleet mode: the stored token changed (another replica's refresh) or the
-    /// store is reachable again after an outage: converge with it.
-    pub async fn on_store_change(self: &Arc<Self>) {
-        let before = self.current().map(|t| t.generation);
-        let _ = self.reconcile(false).await;
-        self.adopted_after_reauthorization(before);
-    }
-
     pub fn status(&self) -> ProviderStatus {
         let now = Instant::now();
         let token = self.current();
@@ -1239,89 +768,4 @@ pub struct ProviderStatus {
     pub last_refresh: Option<LastRefresh>,
     pub refreshes_ok: u64,
     pub refreshes_failed: u64,
-}
-
-/// Ends a refresh flight whose task unwound (a panic) instead of finishing: a flight
-/// left set would make every later request wait on a refresh that never comes and
-/// stop the background refresher for good.
-struct FlightGuard(Option<Arc<Provider>>);
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            {
-                let mut st = p.state();
-                st.flight = None;
-                st.failures = st.failures.saturating_add(1);
-                let delay = policy::retry_delay(
-                    Retry::Transient(None),
-                    st.failures,
-                    policy::backoff_fraction(),
-                );
-                st.retry_at = delay.map(|d| Instant::now() + d);
-            }
-            // A runtime shutting down drops the task too: nothing to report then.
-            if !p.shutdown.is_cancelled() {
-                tracing::error!(provider = %p.name, "token refresh task ended abnormally");
-            }
-            p.wake.notify_one();
-        }
-    }
-}
-
-async fn wait_outcome(mut rx: watch::Receiver<Option<Outcome>>, wait: Duration) -> Outcome {
-    match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(v)) => v.clone().unwrap_or(Err(TokenError::Abandoned)),
-        _ => Err(TokenError::Abandoned),
-    }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// Identifies the settings a token was obtained with; a stored token for other
-/// settings (another client, scope or IdP) is never used. Two halves: the client
-/// (grant, token endpoint, client id), then what the token is for (scope, audience,
-/// resource), so a refresh token can outlive a scope change.
-fn fingerprint(cfg: &ProviderConfig) -> String {
-    let hash = |parts: &[&str]| -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for part in parts {
-            ctx.update(part.as_bytes());
-            ctx.update(b"\0");
-        }
-        ctx.finish()
-            .as_ref()
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    let (client, purpose) = match cfg.oauth() {
-        Some(c) => (
-            hash(&[
-                cfg.grant_kind().as_str(),
-                &c.token_url.to_string(),
-                &c.client_id,
-            ]),
-            hash(&[
-                c.scope.as_deref().unwrap_or(""),
-                c.audience.as_deref().unwrap_or(""),
-                c.resource.as_deref().unwrap_or(""),
-            ]),
-        ),
-        None => (hash(&[cfg.grant_kind().as_str()]), hash(&[])),
-    };
-    format!("{client}-{purpose}")
-}
-
-/// Whether two fingerprints name the same client (their first halves match).
-fn same_client(a: &str, b: &str) -> bool {
-    match (a.split_once('-'), b.split_once('-')) {
-        (Some((x, _)), Some((y, _))) => x == y,
-        _ => false,
-    }
 }
