@@ -3,18 +3,16 @@
 //! on a refresh-worthy 401 replay once, edit the response, record.
 //! No lock, no store access, no log line per successful request.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, WWW_AUTHENTICATE};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -22,10 +20,12 @@ use crate::audit::RequestRecord;
 use crate::caller::{allowed, Identity};
 use crate::error::{find_in_chain, ProxyError};
 use crate::gateway::{Gateway, Route, Snapshot};
-use crate::metrics::ReplayOutcome;
-use crate::token::Credential;
 
 mod broker;
+mod replay;
+
+pub use replay::refresh_worthy;
+use replay::{read_body, Kept};
 
 use crate::body::GatewayBody;
 use crate::headers::{
@@ -270,12 +270,12 @@ fn proxy<'a>(
         };
         // A copy for the replay, only when one could happen.
         let kept = match (&body, replay_possible) {
-            (UpstreamBody::Buffered { data }, true) => Some((
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-                data.clone().unwrap_or_default(),
-            )),
+            (UpstreamBody::Buffered { data }, true) => Some(Kept {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                data: data.clone().unwrap_or_default(),
+            }),
             _ => None,
         };
         let resp = {
@@ -291,65 +291,18 @@ fn proxy<'a>(
             (Some(provider), Some(sent))
                 if resp.status() == StatusCode::UNAUTHORIZED && refresh_worthy(resp.headers()) =>
             {
-                match kept {
-                    Some((method, uri, headers, data)) => {
-                        // Boxed: the replay path is rare, and inline its futures would
-                        // size every request's future.
-                        let out = &mut *out;
-                        Box::pin(async move {
-                            let remaining = deadline.saturating_duration_since(Instant::now());
-                            Ok::<_, ProxyError>(
-                                match provider
-                                    .after_unauthorized(sent.generation, remaining)
-                                    .await
-                                {
-                                    Some(fresh) => {
-                                        // Its connection goes back to the pool only if the
-                                        // 401's body was already over; else it closes.
-                                        drop(resp);
-                                        out.replayed = true;
-                                        out.generation = Some(fresh.generation);
-                                        let replay = with_credential(
-                                            method,
-                                            uri,
-                                            headers,
-                                            &provider.cfg.header,
-                                            &fresh,
-                                            data,
-                                        );
-                                        let resp =
-                                            send(route, replay, Instant::now(), deadline, watched)
-                                                .await?;
-                                        if resp.status() == StatusCode::UNAUTHORIZED {
-                                            provider.replay_rejected(fresh.generation);
-                                            route.metrics.replay(ReplayOutcome::Unauthorized);
-                                        } else {
-                                            route.metrics.replay(ReplayOutcome::Ok);
-                                        }
-                                        resp
-                                    }
-                                    None => {
-                                        route.metrics.replay(ReplayOutcome::Skipped);
-                                        resp
-                                    }
-                                },
-                            )
-                        })
-                        .await?
-                    }
-                    None => {
-                        // Not replayable (body streamed, or replay = false): the 401
-                        // goes back, but the refresh still happens for what follows.
-                        route.metrics.replay(ReplayOutcome::Skipped);
-                        let provider = provider.clone();
-                        let generation = sent.generation;
-                        let wait = route.cfg.timeout;
-                        tokio::spawn(
-                            async move { provider.after_unauthorized(generation, wait).await },
-                        );
-                        resp
-                    }
-                }
+                // Boxed: the replay path is rare, and inline its futures would size
+                // every request's future.
+                Box::pin(replay::after_unauthorized(
+                    route,
+                    provider,
+                    sent.generation,
+                    kept,
+                    resp,
+                    (deadline, watched),
+                    out,
+                ))
+                .await?
             }
             (Some(provider), Some(_)) => {
                 if resp.status().is_success() {
@@ -431,57 +384,7 @@ fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, P
         .map_err(|_| ProxyError::BadRequest("invalid path"))
 }
 
-/// Keeps the body whole when a replay may need it and it fits `max_replay`;
-/// otherwise streams it (a prefix already read, then the rest).
-async fn read_body(
-    mut incoming: Incoming,
-    declared: Option<u64>,
-    max_replay: u64,
-    max_body: Option<u64>,
-    replay_possible: bool,
-) -> Result<UpstreamBody, ProxyError> {
-    if !replay_possible || declared.is_some_and(|n| n > max_replay) {
-        return Ok(UpstreamBody::streaming(
-            VecDeque::new(),
-            incoming,
-            0,
-            max_body,
-        ));
-    }
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let mut seen = 0u64;
-    loop {
-        match incoming.frame().await {
-            None => break,
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    seen += data.len() as u64;
-                    if max_body.is_some_and(|m| seen > m) {
-                        return Err(ProxyError::BodyTooLarge);
-                    }
-                    chunks.push_back(data);
-                    if seen > max_replay {
-                        // Outgrew the replay buffer midway: send what we have, then the rest.
-                        return Ok(UpstreamBody::streaming(chunks, incoming, seen, max_body));
-                    }
-                }
-            }
-            Some(Err(_)) => return Err(ProxyError::BadRequest("request body could not be read")),
-        }
-    }
-    let data = if chunks.len() == 1 {
-        chunks.pop_front().unwrap_or_default()
-    } else {
-        let mut buf = bytes::BytesMut::with_capacity(seen as usize);
-        for c in chunks {
-            buf.extend_from_slice(&c);
-        }
-        buf.freeze()
-    };
-    Ok(UpstreamBody::buffered(data))
-}
-
-fn build_request(
+pub(super) fn build_request(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -495,21 +398,9 @@ fn build_request(
     req
 }
 
-fn with_credential(
-    method: Method,
-    uri: Uri,
-    mut headers: HeaderMap,
-    header: &http::HeaderName,
-    cred: &Credential,
-    data: Bytes,
-) -> Request<UpstreamBody> {
-    headers.insert(header.clone(), cred.header_value.clone());
-    build_request(method, uri, headers, UpstreamBody::buffered(data))
-}
-
 /// Not an `async fn`, which would keep `req` twice (as its argument and inside
 /// the pool's future): this future is moved with every request's.
-fn send<'a>(
+pub(super) fn send<'a>(
     route: &'a Route,
     req: Request<UpstreamBody>,
     now: Instant,
@@ -529,49 +420,6 @@ fn send<'a>(
             }
         }
     })
-}
-
-/// RFC 6750 §3.1: refresh on `invalid_token`, or when the 401 names no error at
-/// all; other errors (`invalid_request`, `insufficient_scope`) are not about the
-/// token's freshness.
-pub fn refresh_worthy(h: &HeaderMap) -> bool {
-    let mut saw_error = false;
-    for v in h.get_all(WWW_AUTHENTICATE) {
-        let Ok(s) = v.to_str() else { continue };
-        let lower = s.to_ascii_lowercase();
-        if let Some(pos) = lower.find("error=") {
-            saw_error = true;
-            let rest = lower[pos + 6..].trim_start_matches('"');
-            if rest.starts_with("invalid_token") {
-                return true;
-            }
-        }
-    }
-    !saw_error
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn h(v: &str) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        m.insert(WWW_AUTHENTICATE, v.parse().unwrap());
-        m
-    }
-
-    #[test]
-    fn which_401s_are_worth_a_refresh() {
-        assert!(refresh_worthy(&HeaderMap::new()));
-        assert!(refresh_worthy(&h(
-            r#"Bearer realm="x", error="invalid_token", error_description="expired""#
-        )));
-        assert!(refresh_worthy(&h(r#"Bearer error=invalid_token"#)));
-        assert!(refresh_worthy(&h(r#"Bearer realm="api""#)));
-        assert!(!refresh_worthy(&h(r#"Bearer error="invalid_request""#)));
-        assert!(!refresh_worthy(&h(r#"Bearer error="insufficient_scope""#)));
-    }
 }
 
 /// hyper moves a request's whole future into place on every request (and each
