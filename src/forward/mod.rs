@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -18,22 +17,23 @@ use tokio::time::Instant;
 
 use crate::audit::RequestRecord;
 use crate::caller::{allowed, Identity};
-use crate::error::{find_in_chain, ProxyError};
+use crate::error::ProxyError;
 use crate::gateway::{Gateway, Route, Snapshot};
 
 mod broker;
 mod replay;
+mod send;
 
 pub use replay::refresh_worthy;
 use replay::{read_body, Kept};
+use send::send;
 
 use crate::body::GatewayBody;
 use crate::headers::{
     self, strip_caller_credentials, strip_hop_by_hop, X_AUTHGATE_KEY, X_REQUEST_ID,
 };
-use crate::outbound::body::{BodyTooLarge, CallerBodyError, UpstreamBody};
-use crate::outbound::pool::ResponseBody;
-use crate::server::deadline::{Bounded, ConnDeadline};
+use crate::outbound::body::UpstreamBody;
+use crate::server::deadline::Bounded;
 use crate::server::ConnInfo;
 
 /// Facts gathered along the way, for metrics and the audit line.
@@ -293,16 +293,20 @@ fn proxy<'a>(
             {
                 // Boxed: the replay path is rare, and inline its futures would size
                 // every request's future.
-                Box::pin(replay::after_unauthorized(
+                let replayed = Box::pin(replay::after_unauthorized(
                     route,
                     provider,
                     sent.generation,
                     kept,
                     resp,
                     (deadline, watched),
-                    out,
                 ))
-                .await?
+                .await?;
+                if let Some(generation) = replayed.with {
+                    out.replayed = true;
+                    out.generation = Some(generation);
+                }
+                replayed.resp
             }
             (Some(provider), Some(_)) => {
                 if resp.status().is_success() {
@@ -382,44 +386,6 @@ fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, P
     PathAndQuery::from_maybe_shared(Bytes::from(path))
         .map(Uri::from)
         .map_err(|_| ProxyError::BadRequest("invalid path"))
-}
-
-pub(super) fn build_request(
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: UpstreamBody,
-) -> Request<UpstreamBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    req
-}
-
-/// Not an `async fn`, which would keep `req` twice (as its argument and inside
-/// the pool's future): this future is moved with every request's.
-pub(super) fn send<'a>(
-    route: &'a Route,
-    req: Request<UpstreamBody>,
-    now: Instant,
-    deadline: Instant,
-    watched: Option<&'a ConnDeadline>,
-) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
-    Bounded::new(route.upstream.send(req, now), deadline, watched).map(|sent| match sent {
-        Err(_) => Err(ProxyError::UpstreamTimeout),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => {
-            if find_in_chain::<BodyTooLarge>(&e).is_some() {
-                Err(ProxyError::BodyTooLarge)
-            } else if find_in_chain::<CallerBodyError>(&e).is_some() {
-                Err(ProxyError::BadRequest("request body could not be read"))
-            } else {
-                Err(ProxyError::UpstreamUnreachable(Box::new(e)))
-            }
-        }
-    })
 }
 
 /// hyper moves a request's whole future into place on every request (and each

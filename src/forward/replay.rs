@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{build_request, send, Outcome};
+use super::send::{build_request, send};
 use crate::error::ProxyError;
 use crate::gateway::Route;
 use crate::metrics::ReplayOutcome;
@@ -30,6 +30,13 @@ pub(super) struct Kept {
     pub(super) data: Bytes,
 }
 
+/// The answer after a 401: the replay's, or the 401 itself.
+pub(super) struct Replayed {
+    pub(super) resp: Response<ResponseBody>,
+    /// The generation the request was replayed with, if it was.
+    pub(super) with: Option<u64>,
+}
+
 /// After a refresh-worthy 401 to a request that sent generation `sent`: asks the
 /// provider for a newer credential (joining or starting one refresh) and replays
 /// the kept request once with it; without a kept request (body streamed, or
@@ -42,26 +49,23 @@ pub(super) async fn after_unauthorized(
     kept: Option<Kept>,
     resp: Response<ResponseBody>,
     until: (Instant, Option<&ConnDeadline>),
-    out: &mut Outcome,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Replayed, ProxyError> {
     let (deadline, watched) = until;
     let Some(kept) = kept else {
         route.metrics.replay(ReplayOutcome::Skipped);
         let provider = provider.clone();
         let wait = route.cfg.timeout;
         tokio::spawn(async move { provider.after_unauthorized(sent, wait).await });
-        return Ok(resp);
+        return Ok(Replayed { resp, with: None });
     };
     let remaining = deadline.saturating_duration_since(Instant::now());
     let Some(fresh) = provider.after_unauthorized(sent, remaining).await else {
         route.metrics.replay(ReplayOutcome::Skipped);
-        return Ok(resp);
+        return Ok(Replayed { resp, with: None });
     };
     // Its connection goes back to the pool only if the 401's body was already
     // over; else it closes.
     drop(resp);
-    out.replayed = true;
-    out.generation = Some(fresh.generation);
     let replay = with_credential(kept, &provider.cfg.header, &fresh);
     let resp = send(route, replay, Instant::now(), deadline, watched).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -70,7 +74,10 @@ pub(super) async fn after_unauthorized(
     } else {
         route.metrics.replay(ReplayOutcome::Ok);
     }
-    Ok(resp)
+    Ok(Replayed {
+        resp,
+        with: Some(fresh.generation),
+    })
 }
 
 fn with_credential(

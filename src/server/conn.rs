@@ -1,26 +1,72 @@
-//! One accepted connection: the HTTP/1 loop (keep-alive, hibernation of idle
+//! One accepted connection: what the request path learns about it (`ConnInfo`),
+//! the listener's drain signal, the HTTP/1 loop (keep-alive, hibernation of idle
 //! connections, the route deadline of the request in flight) and the HTTP/2 one,
 //! with the head limits and request counting both share.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::WaitForCancellationFuture;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::deadline::{ConnDeadline, Watch};
-use super::guard::{ConnState, Guarded};
-use super::{ConnInfo, Drain, Protocols, Transport};
+use super::guard::{ConnState, Guarded, Transport};
 use crate::body::GatewayBody;
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Names from a verified caller certificate (DNS SANs and CN).
+    pub cert_names: Arc<[String]>,
+    /// HTTP/1: where the request in flight leaves its route deadline for the
+    /// connection to watch (see `deadline`). HTTP/2 requests keep their own timer.
+    pub deadline: Option<ConnDeadline>,
+}
+
+/// hyper's protocol builders for one listener.
+pub(super) struct Protocols {
+    pub(super) http1: http1::Builder,
+    pub(super) http2: http2::Builder<TokioExecutor>,
+}
+
+/// The listener's drain signal. Connections ask whether it has fired on every
+/// poll, and `CancellationToken::is_cancelled` locks a mutex to answer; so the
+/// fact is kept in an atomic flag as well, set before the token fires. A
+/// connection that read `false` and registered its waker with the token is
+/// woken by the token and reads `true` then.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Drain {
+    token: CancellationToken,
+    fired: Arc<AtomicBool>,
+}
+
+impl Drain {
+    pub(super) fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// One plain load: no lock, no read-modify-write.
+    pub(super) fn has_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    pub(super) fn wait(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
 
 /// One accepted connection and what serving it needs.
 pub(super) struct Conn {
@@ -281,5 +327,25 @@ impl http_body::Body for CountedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Drain;
+
+    #[tokio::test]
+    async fn the_drain_flag_is_set_by_the_time_its_waiters_wake() {
+        let drain = Drain::default();
+        let seen = drain.clone();
+        assert!(!seen.has_fired());
+        let waiter = tokio::spawn(async move {
+            seen.wait().await;
+            seen.has_fired()
+        });
+        tokio::task::yield_now().await;
+        drain.fire();
+        assert!(waiter.await.unwrap_or(false));
+        assert!(drain.has_fired());
     }
 }

@@ -1,6 +1,6 @@
-//! The IO wrapper under every connection: it enforces the header and idle
-//! timeouts itself, and turns hyper's own bare answers to heads it cannot parse
-//! into the contract's JSON errors.
+//! The IO wrapper under every connection, over any `Transport` (TCP or TLS): it
+//! enforces the header and idle timeouts itself, and turns hyper's own bare
+//! answers to heads it cannot parse into the contract's JSON errors.
 
 use std::future::Future;
 use std::io;
@@ -12,10 +12,28 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::Transport;
 use crate::error::ProxyError;
+
+/// The socket under a connection, whatever is layered on it: hibernation waits on
+/// its readiness.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
 
 /// Request counts of one connection, shared between the IO wrapper, the service
 /// and the connection loop: a head is complete when hyper calls the service.

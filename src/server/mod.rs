@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +10,11 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod conn;
@@ -26,20 +24,8 @@ mod guard;
 use crate::body::GatewayBody;
 use crate::config::Listen;
 use crate::tls::TlsError;
-use conn::{Conn, HeadLimits};
-use deadline::ConnDeadline;
-
-/// What the listener knows about the connection a request came on.
-#[derive(Debug)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
-    /// Names from a verified caller certificate (DNS SANs and CN).
-    pub cert_names: Arc<[String]>,
-    /// HTTP/1: where the request in flight leaves its route deadline for the
-    /// connection to watch (see `deadline`). HTTP/2 requests keep their own timer.
-    pub deadline: Option<ConnDeadline>,
-}
+pub use conn::ConnInfo;
+use conn::{Conn, Drain, HeadLimits, Protocols};
 
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone)]
@@ -90,12 +76,6 @@ impl ServerOpts {
     }
 }
 
-/// hyper's protocol builders for one listener.
-struct Protocols {
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-}
-
 fn protocols(opts: &ServerOpts) -> Protocols {
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
@@ -120,33 +100,6 @@ fn protocols(opts: &ServerOpts) -> Protocols {
     Protocols {
         http1: h1,
         http2: h2,
-    }
-}
-
-/// The listener's drain signal. Connections ask whether it has fired on every
-/// poll, and `CancellationToken::is_cancelled` locks a mutex to answer; so the
-/// fact is kept in an atomic flag as well, set before the token fires. A
-/// connection that read `false` and registered its waker with the token is
-/// woken by the token and reads `true` then.
-#[derive(Debug, Clone, Default)]
-struct Drain {
-    token: CancellationToken,
-    fired: Arc<AtomicBool>,
-}
-
-impl Drain {
-    fn fire(&self) {
-        self.fired.store(true, Ordering::Release);
-        self.token.cancel();
-    }
-
-    /// One plain load: no lock, no read-modify-write.
-    fn has_fired(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
-    }
-
-    fn wait(&self) -> WaitForCancellationFuture<'_> {
-        self.token.cancelled()
     }
 }
 
@@ -286,43 +239,5 @@ async fn sniff_h2c(stream: &TcpStream, within: Duration, drain: &Drain) -> Optio
         // A preface split across packets: peeking again at once would spin on the
         // same bytes. Rare enough that a short pause is the simple answer.
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The socket under a connection, whatever is layered on it: hibernation waits on
-/// its readiness.
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl Transport for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Drain;
-
-    #[tokio::test]
-    async fn the_drain_flag_is_set_by_the_time_its_waiters_wake() {
-        let drain = Drain::default();
-        let seen = drain.clone();
-        assert!(!seen.has_fired());
-        let waiter = tokio::spawn(async move {
-            seen.wait().await;
-            seen.has_fired()
-        });
-        tokio::task::yield_now().await;
-        drain.fire();
-        assert!(waiter.await.unwrap_or(false));
-        assert!(drain.has_fired());
     }
 }
