@@ -9,6 +9,7 @@ use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::GatewayBody;
+use crate::cause::find_in_chain;
 
 /// Why the gateway answered instead of the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -145,30 +146,4 @@ impl ProxyError {
         )
         .into_bytes()
     }
-}
-
-/// The whole cause chain on one line, for logs.
-pub fn chain(err: &(dyn StdError + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
-
-/// Whether `err` or anything in its cause chain is an `E`.
-pub fn find_in_chain<'a, E: StdError + 'static>(
-    err: &'a (dyn StdError + 'static),
-) -> Option<&'a E> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(found) = e.downcast_ref::<E>() {
-            return Some(found);
-        }
-        cur = e.source();
-    }
-    None
 }

@@ -10,6 +10,7 @@ pub mod app;
 pub mod audit;
 pub mod body;
 pub mod caller;
+pub mod cause;
 pub mod config;
 pub mod demo;
 pub mod error;

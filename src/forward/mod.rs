@@ -127,7 +127,7 @@ fn log_error(e: &ProxyError, route: Option<&Route>, request_id: &HeaderValue) {
     let id = request_id.to_str().unwrap_or_default();
     match e {
         ProxyError::UpstreamUnreachable(cause) => {
-            tracing::warn!(route, request_id = id, error = %crate::error::chain(cause.as_ref()), "upstream unreachable")
+            tracing::warn!(route, request_id = id, error = %crate::cause::chain(cause.as_ref()), "upstream unreachable")
         }
         ProxyError::UpstreamTimeout => {
             tracing::warn!(route, request_id = id, error = %e, "request failed")

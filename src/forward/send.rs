@@ -8,7 +8,8 @@ use futures_util::FutureExt as _;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use tokio::time::Instant;
 
-use crate::error::{find_in_chain, ProxyError};
+use crate::cause::find_in_chain;
+use crate::error::ProxyError;
 use crate::gateway::Route;
 use crate::outbound::body::{BodyTooLarge, CallerBodyError, UpstreamBody};
 use crate::outbound::pool::ResponseBody;

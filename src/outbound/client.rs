@@ -1,6 +1,6 @@
 //! Outbound connections: HTTP/1.1 and HTTP/2 (by ALPN) over rustls, through the
 //! egress proxy where it applies. The token endpoints use hyper-util's pooled
-//! client built here; the data path pools its own connections (`super::pool`).
+//! client built here; the data path pools its own connections (`outbound::pool`).
 
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ pub type HttpClient<B> = Client<Connector, B>;
 
 /// Builds a client trusting the OS roots plus `ca`, presenting `client_cert` when
 /// set, connecting through `proxy` (the egress proxy) where it applies. The data
-/// path uses [`connector`] with its own pool (`super::pool`) instead.
+/// path uses [`connector`] with its own pool (`outbound::pool`) instead.
 pub fn build<B>(
     ca: Option<&std::path::Path>,
     client_cert: Option<(&std::path::Path, &std::path::Path)>,

@@ -9,12 +9,14 @@
 
 mod auth;
 mod ntlm;
+mod scheme;
 mod spnego;
 #[cfg(windows)]
 mod sspi;
 mod tunnel;
 
-pub use auth::{unanswered, ProxyAuthError, Scheme};
+pub use auth::unanswered;
+pub use scheme::{ProxyAuthError, Scheme};
 pub use tunnel::TunnelError;
 
 use std::future::Future;
@@ -138,7 +140,7 @@ impl Service<Uri> for ProxyConnector {
                 let target = with_explicit_port(&dst, https)?;
                 let opened = tunnel::open(&mut http, &proxy_uri, &target, &auth, url_basic).await;
                 let stream = opened.inspect_err(|e| {
-                    if crate::error::find_in_chain::<ProxyAuthError>(e.as_ref()).is_some() {
+                    if crate::cause::find_in_chain::<ProxyAuthError>(e.as_ref()).is_some() {
                         failures.inc();
                     }
                 })?;

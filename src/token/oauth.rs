@@ -354,12 +354,12 @@ pub async fn request_token(
 
     let exchange = async {
         let resp = http.request(req).await.map_err(|e| {
-            match crate::error::find_in_chain::<crate::outbound::egress::ProxyAuthError>(&e) {
+            match crate::cause::find_in_chain::<crate::outbound::egress::ProxyAuthError>(&e) {
                 Some(auth) => TokenError::ProxyAuth {
                     message: auth.to_string(),
                     from_response: false,
                 },
-                None => TokenError::Transport(crate::error::chain(&e)),
+                None => TokenError::Transport(crate::cause::chain(&e)),
             }
         })?;
         let status = resp.status();

@@ -21,7 +21,7 @@ use windows_sys::Win32::Security::Authentication::Identity::{
 };
 use windows_sys::Win32::Security::Credentials::SecHandle;
 
-use super::auth::{ProxyAuthError, Scheme};
+use super::scheme::{ProxyAuthError, Scheme};
 
 /// One handshake's SSPI state: the credentials of the process's logon and the
 /// security context being built. Both handles are freed on drop.

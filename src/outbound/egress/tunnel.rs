@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::auth::{parse_challenges, ProxyAuth, ProxyAuthError, Session};
+use super::auth::{parse_challenges, ProxyAuth, Session};
+use super::scheme::{ProxyAuthError, Scheme};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -62,7 +63,7 @@ pub(super) async fn open(
         let (next, answered_challenge) = match session.as_mut() {
             None if authorization.is_some() => {
                 // A Basic sent up front, refused.
-                return Err(ProxyAuthError::Rejected(super::auth::Scheme::Basic).into());
+                return Err(ProxyAuthError::Rejected(Scheme::Basic).into());
             }
             None => {
                 let scheme = auth.choose(&challenges)?;
@@ -95,9 +96,7 @@ pub(super) async fn open(
                     .into());
                 }
                 started_over = true;
-                let scheme = session
-                    .as_ref()
-                    .map_or(super::auth::Scheme::Ntlm, Session::scheme);
+                let scheme = session.as_ref().map_or(Scheme::Ntlm, Session::scheme);
                 let s = session.insert(auth.start(scheme, proxy_host)?);
                 authorization = Some(s.first().await?);
                 continue;
@@ -281,7 +280,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.downcast_ref::<ProxyAuthError>(),
-            Some(&ProxyAuthError::Rejected(super::super::auth::Scheme::Basic))
+            Some(&ProxyAuthError::Rejected(super::Scheme::Basic))
         );
         let heads = seen.lock().unwrap().clone();
         assert_eq!(heads.len(), 2, "{heads:?}");
@@ -316,6 +315,6 @@ mod tests {
             err.downcast_ref::<TunnelError>(),
             Some(TunnelError::Refused(403))
         ));
-        assert!(crate::error::find_in_chain::<ProxyAuthError>(err.as_ref()).is_none());
+        assert!(crate::cause::find_in_chain::<ProxyAuthError>(err.as_ref()).is_none());
     }
 }
