@@ -150,9 +150,9 @@ impl Upstream {
     ///
     /// Not an `async fn`: the common cases (a pooled HTTP/1 connection, the
     /// shared h2 one) are decided here and awaited by [`Exchange`], which holds
-    /// little more than hyper's own future. An `async fn` holding every case's
-    /// future was 1.8 KiB, and hyper moves the whole request future (this one
-    /// inside) into place on every request.
+    /// little more than hyper's own future. An `async fn` would hold every case's
+    /// future at once, and hyper moves the whole request future (this one inside)
+    /// into place on every request.
     pub fn send(
         &self,
         req: Request<UpstreamBody>,
@@ -254,8 +254,8 @@ impl Upstream {
     }
 
     /// Hands `req` to an HTTP/1 connection, in the form that connection needs.
-    // `#[inline]` on both: left to itself the compiler kept these calls on the
-    // request path, about 260 instructions per request (bench/instructions.sh).
+    // `#[inline]` on both: left to itself the compiler keeps these calls on the
+    // request path (bench/instructions.sh shows the difference).
     #[inline]
     fn start_h1(
         &self,

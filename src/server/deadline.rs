@@ -2,8 +2,7 @@
 //! kept by the connection rather than by a timer per request.
 //!
 //! A tokio timer per request takes the timer wheel's lock twice (registering on
-//! the first poll, deregistering on drop): about 1,000 instructions of a request
-//! that costs 36,000 in all. HTTP/1 serves one request at a time per connection,
+//! the first poll, deregistering on drop), on the request path. HTTP/1 serves one request at a time per connection,
 //! on the connection's task, and hyper polls the request's future whenever that
 //! task wakes. So the connection keeps one timer of its own ([`Watch`]) and the
 //! request only writes its deadline into a shared cell ([`ConnDeadline`]): a

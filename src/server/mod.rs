@@ -86,8 +86,7 @@ fn protocols(opts: &ServerOpts) -> Protocols {
         // into the contract's JSON answer. The service checks the configured size
         // itself, for heads between it and this buffer. The count is hyper's
         // exactly: up to 100 it keeps a parse's header slots on the stack, and
-        // past that allocates two arrays of about 6 KiB per request (the earlier
-        // slack of twice the count cost about 1,200 instructions per request).
+        // past that allocates two arrays of about 6 KiB per request.
         .max_buf_size(opts.max_header_size.saturating_mul(2).max(8192))
         .max_headers(opts.max_headers)
         .keep_alive(true);

@@ -1,4 +1,4 @@
-//! Fleet mode (issue 7): several gateways share one token through PostgreSQL.
+//! Fleet mode: several gateways share one token through PostgreSQL.
 //! Runs against the server named by `AUTHGATE_TEST_DATABASE_URL` (`.ci/run` sets
 //! it); each test works in its own table prefix and drops its tables at the end.
 

@@ -1,4 +1,4 @@
-//! The request path (issue 2): routing, header hygiene, streaming, errors.
+//! The request path: routing, header hygiene, streaming, errors.
 
 use hyper::{Method, StatusCode};
 

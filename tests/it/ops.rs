@@ -1,4 +1,4 @@
-//! Operations (issue 6): the admin listener, metrics, hot reload, the egress proxy.
+//! Operations: the admin listener, metrics, hot reload, the egress proxy.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The durable token store (issue 4): restarts cost no refresh, a crash never loses
+//! The durable token store: restarts cost no refresh, a crash never loses
 //! a rotated refresh token, a broken store degrades durability but not serving.
 
 use std::path::{Path, PathBuf};

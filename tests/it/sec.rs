@@ -1,4 +1,4 @@
-//! The security boundary (issue 5): TLS and caller certificates, caller
+//! The security boundary: TLS and caller certificates, caller
 //! identification and ACLs, the broker API, limits, smuggling shapes, audit, leaks.
 
 use std::net::SocketAddr;

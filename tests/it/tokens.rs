@@ -1,4 +1,4 @@
-//! Token lifecycle (issue 3): grants, single-flight refresh, replay, failures.
+//! Token lifecycle: grants, single-flight refresh, replay, failures.
 
 use std::sync::Arc;
 use std::time::Duration;
