@@ -12,11 +12,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditSink};
 use crate::config::{Config, ConfigError, StoreKind};
-use crate::gateway::Gateway;
+use crate::gateway::{BuildError, Gateway};
 use crate::metrics::Metrics;
 use crate::server::{self, ServerOpts};
 use crate::store::{self, StoreError, TokenStore};
 use crate::token::StoreHandle;
+
+/// Why a reload was rejected (the running config stays): the same message as
+/// `check` for the file, or what its snapshot could not build.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Build(#[from] BuildError),
+}
 
 /// Why the gateway could not start. `Config` errors exit with 2 like `check`.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +35,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Build(#[from] BuildError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,6 +55,7 @@ impl StartError {
         match self {
             StartError::Config(_)
             | StartError::Invalid(_)
+            | StartError::Build(_)
             | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_))
             | StartError::Audit(AuditError::Key(_)) => 2,
             _ => 1,
@@ -111,8 +124,7 @@ impl App {
             Some(a) => Some(crate::admin::Console::new(a).map_err(StartError::Invalid)?),
             None => None,
         };
-        let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())
-            .map_err(StartError::Invalid)?;
+        let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())?;
 
         let addr = main_listener
             .local_addr()
@@ -157,7 +169,7 @@ impl App {
     /// What an operator's reload does (SIGHUP; the Windows service's reload
     /// control): reopens the audit file by its name, for external rotators, and
     /// re-reads the config file and swaps it in; the running config stays on error.
-    pub fn reload(&self, path: &Path) -> Result<(), String> {
+    pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
         self.reopen_audit();
         reload_from(&self.gateway, path)
     }
@@ -252,10 +264,10 @@ const RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(30
 
 /// Loads and validates `path` exactly like `check`, then swaps it in; counted and
 /// logged either way.
-fn reload_from(gateway: &Gateway, path: &Path) -> Result<(), String> {
-    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+fn reload_from(gateway: &Gateway, path: &Path) -> Result<(), ReloadError> {
+    let result = Config::load(path).map_err(ReloadError::from).and_then(|c| {
         warn_restart_only(&gateway.snapshot().config, &c);
-        gateway.reload(c)
+        Ok(gateway.reload(c)?)
     });
     gateway.metrics.reload(result.is_ok());
     match &result {

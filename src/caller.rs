@@ -19,6 +19,14 @@ struct Caller {
     key: Option<Secret>,
 }
 
+/// A caller's shared key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("callers.{name}: {source}")]
+pub struct CallerError {
+    pub name: String,
+    #[source]
+    pub source: crate::secret::SecretError,
+}
 /// The caller table of one config snapshot.
 #[derive(Debug, Default)]
 pub struct Callers {
@@ -48,14 +56,17 @@ impl Identity {
 impl Callers {
     /// Loads the callers' keys. A missing key source is an error for the whole
     /// config (a caller that can never match is a mistake worth stopping for).
-    pub fn new(cfg: Option<&[CallerConfig]>) -> Result<Self, String> {
+    pub fn new(cfg: Option<&[CallerConfig]>) -> Result<Self, CallerError> {
         let Some(cfg) = cfg else {
             return Ok(Self { list: None });
         };
         let mut list = Vec::with_capacity(cfg.len());
         for c in cfg {
             let key = match &c.key {
-                Some(src) => Some(src.load().map_err(|e| format!("callers.{}: {e}", c.name))?),
+                Some(src) => Some(src.load().map_err(|source| CallerError {
+                    name: c.name.clone(),
+                    source,
+                })?),
                 None => None,
             };
             list.push(Caller {

@@ -21,6 +21,39 @@ use crate::outbound::pool::Upstream;
 use crate::route::RouteTable;
 use crate::token::{Provider, ProviderDeps, StoreHandle, TokenEvents};
 
+/// Why a config could not become a running snapshot (start-up or reload): each
+/// names the config file and the key, like a config error.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{file}: outbound: {reason}")]
+    Outbound { file: String, reason: String },
+    #[error("{file}: providers.{name}: {source}")]
+    Provider {
+        file: String,
+        name: String,
+        #[source]
+        source: crate::token::ProviderError,
+    },
+    #[error("{file}: routes[{index}].upstream: {reason}")]
+    Upstream {
+        file: String,
+        index: usize,
+        reason: &'static str,
+    },
+    #[error("{file}: routes[{index}]: {source}")]
+    UpstreamTls {
+        file: String,
+        index: usize,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error("{file}: {source}")]
+    Callers {
+        file: String,
+        #[source]
+        source: crate::caller::CallerError,
+    },
+}
 /// A route ready for the request path: everything precomputed.
 #[derive(Debug)]
 pub struct Route {
@@ -71,7 +104,7 @@ impl Gateway {
         audit: Option<AuditSink>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, BuildError> {
         let events = TokenEvents::new();
         let snapshot = build_snapshot(
             Arc::new(config),
@@ -104,7 +137,7 @@ impl Gateway {
 
     /// Swaps in a new config. Providers whose settings did not change are kept
     /// (with their tokens and generations); new or changed ones start fresh.
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let prev = self.snapshot();
         let new = build_snapshot(
             Arc::new(config),
@@ -176,10 +209,13 @@ fn build_snapshot(
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
     events: &Arc<TokenEvents>,
-) -> Result<Snapshot, String> {
-    let file = config.path.display().to_string();
+) -> Result<Snapshot, BuildError> {
+    let file = || config.path.display().to_string();
     let proxy = EgressProxy::from_config(&config.outbound)
-        .map_err(|e| format!("{file}: {e}"))?
+        .map_err(|reason| BuildError::Outbound {
+            file: file(),
+            reason,
+        })?
         .counting_failures(metrics.proxy_auth_failures());
     // A provider is kept only if neither its settings nor the egress proxy its
     // token endpoint is reached through changed.
@@ -204,7 +240,11 @@ fn build_snapshot(
                     events: events.clone(),
                 },
             )
-            .map_err(|e| format!("{file}: providers.{name}: {e}"))?,
+            .map_err(|source| BuildError::Provider {
+                file: file(),
+                name: name.clone(),
+                source,
+            })?,
         };
         providers.insert(name.clone(), provider);
     }
@@ -220,9 +260,17 @@ fn build_snapshot(
             .upstream
             .authority()
             .cloned()
-            .ok_or_else(|| format!("{file}: routes[{i}].upstream: no host"))?;
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| format!("{file}: routes[{i}].upstream: bad host"))?;
+            .ok_or_else(|| BuildError::Upstream {
+                file: file(),
+                index: i,
+                reason: "no host",
+            })?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| BuildError::Upstream {
+                file: file(),
+                index: i,
+                reason: "bad host",
+            })?;
         let https = scheme == Scheme::HTTPS;
         let connector = match connectors.get(&(rc.tls.clone(), https)) {
             Some(c) => c.clone(),
@@ -231,8 +279,13 @@ fn build_snapshot(
                     (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                     _ => None,
                 };
-                let c = client::connector(rc.tls.ca.as_deref(), cert, https, &proxy)
-                    .map_err(|e| format!("{file}: routes[{i}]: {e}"))?;
+                let c = client::connector(rc.tls.ca.as_deref(), cert, https, &proxy).map_err(
+                    |source| BuildError::UpstreamTls {
+                        file: file(),
+                        index: i,
+                        source,
+                    },
+                )?;
                 connectors.insert((rc.tls.clone(), https), c.clone());
                 c
             }
@@ -259,7 +312,11 @@ fn build_snapshot(
         });
     }
     let table = RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str()));
-    let callers = Callers::new(config.callers.as_deref()).map_err(|e| format!("{file}: {e}"))?;
+    let callers =
+        Callers::new(config.callers.as_deref()).map_err(|source| BuildError::Callers {
+            file: file(),
+            source,
+        })?;
     Ok(Snapshot {
         unrouted: metrics.unrouted(),
         config,

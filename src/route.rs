@@ -1,14 +1,25 @@
 //! Prefix routing: longest whole-segment match, dot-segment refusal, and joining the
 //! rest of the path onto the upstream's base path. Pure functions, no I/O.
 
+/// Why a configured prefix is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("prefix {0:?} must start with '/'")]
+    NoLeadingSlash(String),
+    #[error("prefix {0:?} must not contain '?' or '#'")]
+    QueryOrFragment(String),
+    #[error("prefix {0:?} has an empty or dot segment")]
+    BadSegment(String),
+}
+
 /// Normalizes a configured prefix: leading '/', no trailing '/', no empty, `.` or
 /// `..` segments.
-pub fn normalize_prefix(p: &str) -> Result<String, String> {
+pub fn normalize_prefix(p: &str) -> Result<String, PrefixError> {
     if !p.starts_with('/') {
-        return Err(format!("prefix {p:?} must start with '/'"));
+        return Err(PrefixError::NoLeadingSlash(p.to_owned()));
     }
     if p.contains(['?', '#']) {
-        return Err(format!("prefix {p:?} must not contain '?' or '#'"));
+        return Err(PrefixError::QueryOrFragment(p.to_owned()));
     }
     let trimmed = p.trim_end_matches('/');
     if trimmed.is_empty() {
@@ -18,7 +29,7 @@ pub fn normalize_prefix(p: &str) -> Result<String, String> {
         .split('/')
         .any(|s| s.is_empty() || is_dot_segment(s))
     {
-        return Err(format!("prefix {p:?} has an empty or dot segment"));
+        return Err(PrefixError::BadSegment(p.to_owned()));
     }
     Ok(trimmed.to_owned())
 }

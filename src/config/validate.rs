@@ -755,7 +755,8 @@ fn authorize(p: &RawProvider, at: &KeyPath, allow_http: bool) -> Check<Option<Bo
 }
 
 fn route(r: RawRoute, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Check<RouteConfig> {
-    let prefix = crate::route::normalize_prefix(&r.prefix).map_err(|m| (at.key("prefix"), m))?;
+    let prefix =
+        crate::route::normalize_prefix(&r.prefix).map_err(|e| (at.key("prefix"), e.to_string()))?;
     let upstream = endpoint(
         &at.key("upstream"),
         &r.upstream,

@@ -549,7 +549,7 @@ async fn reload_rejects_an_invalid_file_with_the_check_message_and_keeps_serving
     let broken =
         reload_config(&idp, &up, None).replace("provider = \"crm\"\n", "provider = \"crn\"\n");
     rewrite(&gw, &broken, false);
-    let err = gw.app().reload(&gw.config_path).unwrap_err();
+    let err = gw.app().reload(&gw.config_path).unwrap_err().to_string();
     let check = authgate::Config::load(&gw.config_path)
         .unwrap_err()
         .to_string();
