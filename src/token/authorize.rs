@@ -134,27 +134,13 @@ impl Provider {
                 Some(e.code())
             }
         };
-        let outcome_str = if outcome.is_ok() { "ok" } else { "error" };
-        st.last = Some(LastRefresh {
-            trigger: Trigger::Authorization,
-            outcome: outcome_str,
-            at: SystemTime::now(),
-            error: error.clone(),
-        });
-        drop(st);
-        let (generation, expires_in_s) = match outcome {
-            Ok(t) => (Some(t.generation), t.expires_in(now).map(|d| d.as_secs())),
-            Err(_) => (self.current().map(|t| t.generation), None),
-        };
-        self.record_event(
+        self.conclude(
+            st,
             Trigger::Authorization,
-            outcome_str,
-            generation,
-            expires_in_s,
-            started.elapsed(),
             error,
+            started.elapsed(),
+            outcome,
         );
-        self.wake.notify_one();
     }
 
     /// The IdP sent the browser back with an `error` instead of a code: shown on

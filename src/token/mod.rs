@@ -421,7 +421,7 @@ impl Provider {
         let elapsed = started.elapsed();
         let now = Instant::now();
         let mut st = self.state();
-        let (outcome_str, error) = match outcome {
+        let error = match outcome {
             Ok(t) => {
                 st.failures = 0;
                 st.retry_at = None;
@@ -431,7 +431,7 @@ impl Provider {
                     .set_expiry(t.expires_in(now).map(|d| d.as_secs_f64()));
                 tracing::info!(provider = %self.name, trigger = trigger.as_str(), generation = t.generation,
                     expires_in_s = t.expires_in(now).map(|d| d.as_secs()), "token refreshed");
-                ("ok", None)
+                None
             }
             Err(e) => {
                 self.refreshes_failed.fetch_add(1, Ordering::Relaxed);
@@ -469,9 +469,25 @@ impl Provider {
                         error = %e, "not replaying")
                     }
                 }
-                ("error", Some(e.code()))
+                Some(e.code())
             }
         };
+        self.conclude(st, trigger, error, elapsed, outcome);
+    }
+
+    /// The record of a refresh that ended: `/status`'s last refresh (`st` is released
+    /// before anything else), the metric, the event ring and the audit line; then
+    /// the background refresher re-plans.
+    fn conclude(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        trigger: Trigger,
+        error: Option<String>,
+        elapsed: Duration,
+        outcome: &Outcome,
+    ) {
+        let outcome_str = if outcome.is_ok() { "ok" } else { "error" };
+        let now = Instant::now();
         st.last = Some(LastRefresh {
             trigger,
             outcome: outcome_str,
