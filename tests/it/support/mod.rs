@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod idp;
 pub mod pki;
 pub mod proxy;
+pub mod raw;
 pub mod upstream;
 
 pub use client::Client;
