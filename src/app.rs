@@ -37,6 +37,8 @@ pub enum StartError {
     Invalid(String),
     #[error("{0}")]
     Build(#[from] BuildError),
+    #[error("{0}")]
+    AdminKey(#[from] crate::admin::AdminKeyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -56,6 +58,7 @@ impl StartError {
             StartError::Config(_)
             | StartError::Invalid(_)
             | StartError::Build(_)
+            | StartError::AdminKey(_)
             | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_))
             | StartError::Audit(AuditError::Key(_)) => 2,
             _ => 1,
@@ -121,7 +124,7 @@ impl App {
         let opts = ServerOpts::from_listen(&config.listen)
             .map_err(|e| StartError::Invalid(format!("listen: {e}")))?;
         let console = match &config.admin {
-            Some(a) => Some(crate::admin::Console::new(a).map_err(StartError::Invalid)?),
+            Some(a) => Some(crate::admin::Console::new(a)?),
             None => None,
         };
         let gateway = Gateway::new(config, store, audit, metrics, shutdown.clone())?;

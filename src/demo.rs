@@ -30,6 +30,17 @@ struct DemoState {
     api_rejected: AtomicU64,
 }
 
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo servers: {0}")]
+    Listen(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] crate::app::StartError),
+}
+
 async fn serve_demo<F, Fut>(f: F) -> std::io::Result<SocketAddr>
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -61,7 +72,7 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Runs the demo and prints its summary. Returns an error message on failure.
-pub async fn run() -> Result<(), String> {
+pub async fn run() -> Result<(), DemoError> {
     let st = Arc::new(DemoState::default());
 
     let idp_state = st.clone();
@@ -81,7 +92,7 @@ pub async fn run() -> Result<(), String> {
         }
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(DemoError::Listen)?;
 
     let api_state = st.clone();
     let api = serve_demo(move |req| {
@@ -114,7 +125,7 @@ pub async fn run() -> Result<(), String> {
         }
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(DemoError::Listen)?;
 
     std::env::set_var("AUTHGATE_DEMO_SECRET", "demo-secret");
     let dir = std::env::temp_dir().join(format!("authgate-demo-{}", std::process::id()));
@@ -135,8 +146,8 @@ upstream = "http://{api}"
 provider = "demo"
 "#
     );
-    let config = Config::parse(&dir.join("demo.toml"), &toml).map_err(|e| e.to_string())?;
-    let app = App::start(config).await.map_err(|e| e.to_string())?;
+    let config = Config::parse(&dir.join("demo.toml"), &toml)?;
+    let app = App::start(config).await?;
     let base = format!("http://{}", app.addr);
     println!(
         "authgate demo: IdP on {idp}, API on {api}, gateway on {}",

@@ -28,11 +28,16 @@ pub struct Console {
     pending: reauth::Pending,
 }
 
+/// `[admin] key_env`/`key_file` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("admin.key: {0}")]
+pub struct AdminKeyError(#[source] crate::secret::SecretError);
+
 impl Console {
     /// Loads `[admin] key_env`/`key_file` now: a missing key stops the start-up.
-    pub fn new(admin: &crate::config::Admin) -> Result<Arc<Self>, String> {
+    pub fn new(admin: &crate::config::Admin) -> Result<Arc<Self>, AdminKeyError> {
         let key = match &admin.key {
-            Some(src) => Some(src.load().map_err(|e| format!("admin.key: {e}"))?),
+            Some(src) => Some(src.load().map_err(AdminKeyError)?),
             None => None,
         };
         Ok(Arc::new(Self {

@@ -97,7 +97,7 @@ impl Provider {
         };
         let token = Arc::new(
             self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
-                .map_err(TokenError::InvalidResponse)?,
+                .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
         );
         // As for a rotation: the refresh token is in the store before the access
         // token is served.

@@ -12,6 +12,11 @@ use tokio::time::Instant;
 use super::Provider;
 use crate::secret::Secret;
 
+/// A credential that cannot be sent: it has bytes a header value cannot carry.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("token has characters not allowed in a header")]
+pub struct NotAHeaderValue;
+
 /// One credential, as injected.
 pub struct Token {
     pub generation: u64,
@@ -118,14 +123,14 @@ impl Provider {
         lifetime: Option<Duration>,
         scope: Option<String>,
         generation: u64,
-    ) -> Result<Token, String> {
+    ) -> Result<Token, NotAHeaderValue> {
         let text = if self.cfg.scheme.is_empty() {
             value.expose().to_owned()
         } else {
             format!("{} {}", self.cfg.scheme, value.expose())
         };
-        let mut header_value = HeaderValue::from_maybe_shared(Bytes::from(text))
-            .map_err(|_| "token has characters not allowed in a header".to_owned())?;
+        let mut header_value =
+            HeaderValue::from_maybe_shared(Bytes::from(text)).map_err(|_| NotAHeaderValue)?;
         header_value.set_sensitive(true);
         let now = Instant::now();
         Ok(Token {

@@ -117,8 +117,8 @@ pub enum ProviderError {
     Source(#[from] source::SourceError),
     #[error(transparent)]
     Secret(#[from] crate::secret::SecretError),
-    #[error("{0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] cell::NotAHeaderValue),
 }
 
 /// One configured provider: its token cell and the machinery that keeps it fresh.
@@ -224,9 +224,7 @@ impl Provider {
         });
         if let Grant::Static { token } = &provider.cfg.grant {
             let value = token.load()?;
-            let t = provider
-                .make_token(value, None, None, 1)
-                .map_err(ProviderError::Token)?;
+            let t = provider.make_token(value, None, None, 1)?;
             provider.cell.store(Some(Arc::new(t)));
             provider.metrics.set_expiry(None);
         }
@@ -534,7 +532,7 @@ impl Provider {
         {
             Ok(Ok(lease)) => lease,
             Ok(Err(e)) => {
-                self.store.record(&Err(e.to_string()));
+                self.store.record_failure(persist::StoreFailure::Error(&e));
                 tracing::warn!(provider = %self.name, error = %e, "fleet lock unavailable; refreshing locally (degraded)");
                 None
             }
@@ -627,7 +625,7 @@ impl Provider {
         };
         let token = Arc::new(
             self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
-                .map_err(TokenError::InvalidResponse)?,
+                .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
         );
         let stored = self.stored_record(&token, None);
         if is_refresh {

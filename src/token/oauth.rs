@@ -179,16 +179,37 @@ impl std::fmt::Debug for ClientCredential {
     }
 }
 
+/// Why the client's credential could not be loaded (start-up or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
+    #[error("cannot read client_key {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("client_key is not a usable {alg:?} private key: {source}")]
+    Key {
+        alg: jsonwebtoken::Algorithm,
+        #[source]
+        source: jsonwebtoken::errors::Error,
+    },
+}
+
 impl ClientCredential {
-    pub fn load(auth: &ClientAuth) -> Result<Self, String> {
+    pub fn load(auth: &ClientAuth) -> Result<Self, CredentialError> {
         Ok(match auth {
             ClientAuth::None | ClientAuth::TlsClientAuth { .. } => ClientCredential::None,
             ClientAuth::SecretBasic(src) | ClientAuth::SecretPost(src) => {
-                ClientCredential::Secret(src.load().map_err(|e| e.to_string())?)
+                ClientCredential::Secret(src.load()?)
             }
             ClientAuth::PrivateKeyJwt { key, key_id, alg } => {
-                let pem = std::fs::read(key)
-                    .map_err(|e| format!("cannot read client_key {}: {e}", key.display()))?;
+                let pem = std::fs::read(key).map_err(|source| CredentialError::KeyFile {
+                    path: key.display().to_string(),
+                    source,
+                })?;
                 let (key, alg) = match alg {
                     JwtAlg::RS256 => (
                         jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
@@ -203,8 +224,7 @@ impl ClientCredential {
                         jsonwebtoken::Algorithm::ES256,
                     ),
                 };
-                let key = key
-                    .map_err(|e| format!("client_key is not a usable {alg:?} private key: {e}"))?;
+                let key = key.map_err(|source| CredentialError::Key { alg, source })?;
                 ClientCredential::Jwt {
                     key,
                     key_id: key_id.clone(),

@@ -27,6 +27,23 @@ pub(super) enum Adopt {
     Notified,
 }
 
+/// What went wrong with a store call, for the one log line a failure gets.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreFailure<'a> {
+    Error(&'a crate::store::StoreError),
+    /// The call did not answer in time (`read`, `write`).
+    TimedOut(&'static str),
+}
+
+impl std::fmt::Display for StoreFailure<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreFailure::Error(e) => e.fmt(f),
+            StoreFailure::TimedOut(what) => write!(f, "store {what} timed out"),
+        }
+    }
+}
+
 /// Shared by every provider: where tokens are persisted and how health shows.
 #[derive(Debug)]
 pub struct StoreHandle {
@@ -57,24 +74,23 @@ impl StoreHandle {
     /// A read succeeded: the store works again, unless a write is still pending.
     pub fn record_read_ok(&self) {
         if self.pending_saves.load(Ordering::SeqCst) == 0 {
-            self.record(&Ok(()));
+            self.record_ok();
         }
     }
 
-    /// Records an outcome; logs only when the state changes (not per attempt).
-    pub fn record(&self, result: &Result<(), String>) {
-        match result {
-            Ok(()) => {
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(store = self.store.kind(), "token store recovered");
-                }
-            }
-            Err(e) => {
-                self.metrics.store_error();
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(store = self.store.kind(), error = %e, "token store failing; serving from memory");
-                }
-            }
+    /// The store answered: logged only when that ends a failure.
+    pub fn record_ok(&self) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(store = self.store.kind(), "token store recovered");
+        }
+    }
+
+    /// A store call failed: counted every time, logged only when that starts a
+    /// failure (not per attempt).
+    pub fn record_failure(&self, failure: StoreFailure<'_>) {
+        self.metrics.store_error();
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(store = self.store.kind(), error = %failure, "token store failing; serving from memory");
         }
     }
 }
@@ -215,11 +231,11 @@ impl Provider {
                     s?
                 }
                 Ok(Err(e)) => {
-                    self.store.record(&Err(e.to_string()));
+                    self.store.record_failure(StoreFailure::Error(&e));
                     return None;
                 }
                 Err(_) => {
-                    self.store.record(&Err("store read timed out".into()));
+                    self.store.record_failure(StoreFailure::TimedOut("read"));
                     return None;
                 }
             };
@@ -350,17 +366,20 @@ impl Provider {
         if self.latest_save.load(Ordering::SeqCst) > stored.generation {
             return true;
         }
-        let res =
-            match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored))
-                .await
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("store write timed out".to_owned()),
-            };
-        let ok = res.is_ok();
-        self.store.record(&res);
-        ok
+        match tokio::time::timeout(STORE_TIMEOUT, self.store.store.save(&self.name, stored)).await {
+            Ok(Ok(())) => {
+                self.store.record_ok();
+                true
+            }
+            Ok(Err(e)) => {
+                self.store.record_failure(StoreFailure::Error(&e));
+                false
+            }
+            Err(_) => {
+                self.store.record_failure(StoreFailure::TimedOut("write"));
+                false
+            }
+        }
     }
 
     /// Fleet mode: the stored token changed (another replica's refresh) or the

@@ -36,14 +36,14 @@ pub struct OAuthSource {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("client credential: {0}")]
-    Credential(String),
+    Credential(#[from] super::oauth::CredentialError),
     #[error("token endpoint TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
 
 impl OAuthSource {
     pub fn new(client: &OAuthClient, proxy: &EgressProxy) -> Result<Self, SourceError> {
-        let credential = ClientCredential::load(&client.auth).map_err(SourceError::Credential)?;
+        let credential = ClientCredential::load(&client.auth)?;
         let client_cert = match &client.auth {
             ClientAuth::TlsClientAuth { cert, key } => Some((cert.as_path(), key.as_path())),
             _ => None,
