@@ -291,6 +291,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("store", old.store != new.store),
         ("audit", old.audit != new.audit),
         ("runtime", old.runtime != new.runtime),
+        ("log", old.log != new.log),
     ]
     .into_iter()
     .filter_map(|(name, differs)| differs.then_some(name))

@@ -1,6 +1,8 @@
 //! The `authgate` command: argument parsing, logging, exit codes. The work is in
 //! the library.
 
+#![cfg_attr(not(windows), forbid(unsafe_code))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use authgate::config::{self, Config};
+use authgate::logging;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Manage authgate as a Windows service (Windows only)
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,27 +71,87 @@ enum AuditCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ServiceAction {
+    /// Validate the config (as `check`) and register the service
+    Install {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+        /// LocalSystem, LocalService, NetworkService, NT SERVICE\<name> or a user
+        /// account (default: the virtual account NT SERVICE\<name>)
+        #[arg(long)]
+        account: Option<String>,
+        /// Environment variable holding the user account's password
+        #[arg(long)]
+        password_env: Option<String>,
+        /// When the service starts
+        #[arg(long, value_enum, default_value_t = StartArg::Delayed)]
+        start: StartArg,
+    },
+    /// Stop and remove the service
+    Uninstall {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+    },
+    /// Start the service and wait until it runs
+    Start {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+    },
+    /// Stop the service (in-flight requests drain) and wait until it has stopped
+    Stop {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+    },
+    /// Print the service's state
+    Status {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+    },
+    /// Serve as the service (started by the service manager, not by hand)
+    Run {
+        #[arg(long, default_value = authgate::service::DEFAULT_NAME)]
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StartArg {
+    Auto,
+    Delayed,
+    Demand,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Pretty,
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
+impl From<LogFormat> for logging::Format {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Pretty => logging::Format::Pretty,
+            LogFormat::Json => logging::Format::Json,
+        }
     }
+}
+
+/// Logs to stderr only (commands other than `run`).
+fn init_logging(format: LogFormat) -> Option<logging::LogGuard> {
+    logging::init(format.into(), true, None).ok()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if let Some(Command::Service { action }) = cli.command {
+        return service(action, cli.config, cli.log_format);
+    }
+    // `run` also logs to `[log] file`, known once the config is loaded.
+    let _log = match cli.command {
+        None | Some(Command::Run { .. }) => None,
+        _ => init_logging(cli.log_format),
+    };
     if matches!(cli.command, Some(Command::Demo)) {
         return with_default_runtime(async {
             match authgate::demo::run().await {
@@ -111,7 +179,20 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => check(&config),
-        Command::Run { no_watch } => with_runtime(&config, run(config.clone(), path, !no_watch)),
+        Command::Run { no_watch } => {
+            let file = config.log.file.as_deref().map(|path| logging::LogFile {
+                path,
+                keep: config.log.keep,
+            });
+            let _log = match logging::init(cli.log_format.into(), true, file) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("{}: log.file: {e}", config.path.display());
+                    return ExitCode::from(1);
+                }
+            };
+            with_runtime(&config, run(config.clone(), path, !no_watch))
+        }
         // Needs no config: served before the config is loaded.
         Command::Demo => ExitCode::SUCCESS,
         Command::Token { provider, reveal } => {
@@ -119,6 +200,7 @@ fn main() -> ExitCode {
         }
         // Served before the config is loaded.
         Command::Audit { .. } => ExitCode::SUCCESS,
+        Command::Service { .. } => ExitCode::SUCCESS,
     }
 }
 
@@ -194,6 +276,124 @@ fn audit_verify(flag: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(not(windows))]
+fn service(_action: ServiceAction, _config: Option<PathBuf>, _format: LogFormat) -> ExitCode {
+    eprintln!("{}", authgate::service::UNSUPPORTED);
+    ExitCode::from(2)
+}
+
+#[cfg(windows)]
+fn service(action: ServiceAction, config: Option<PathBuf>, format: LogFormat) -> ExitCode {
+    use authgate::service::{self, windows as svc, StartMode};
+
+    if let ServiceAction::Run { name } = action {
+        // A service has no console: it logs to `[log] file`, else to
+        // %ProgramData%\authgate\logs\<name>.log. A config that does not load
+        // is reported by the service itself (Event Log, exit code).
+        let path = config::resolve_path(config);
+        let loaded = Config::load(&path).ok();
+        let default_file = svc::default_log_file(&name);
+        let file = logging::LogFile {
+            path: loaded
+                .as_ref()
+                .and_then(|c| c.log.file.as_deref())
+                .unwrap_or(&default_file),
+            keep: loaded
+                .as_ref()
+                .map_or(config::DEFAULT_LOG_KEEP, |c| c.log.keep),
+        };
+        let _log = logging::init(format.into(), false, Some(file)).ok();
+        return match svc::run(name, path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let _log = init_logging(format);
+
+    let done = |r: Result<String, String>| match r {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    };
+    match action {
+        ServiceAction::Install {
+            name,
+            account,
+            password_env,
+            start,
+        } => {
+            let path = config::resolve_path(config);
+            let path = match std::path::absolute(&path) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(e) = Config::load(&path) {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+            let password = match (service::needs_password(account.as_deref()), password_env) {
+                (true, Some(var)) => match std::env::var(&var) {
+                    Ok(p) => Some(authgate::secret::Secret::new(p)),
+                    Err(_) => {
+                        eprintln!("--password-env: environment variable {var} is not set");
+                        return ExitCode::from(2);
+                    }
+                },
+                (true, None) => {
+                    eprintln!(
+                        "--account names a user account: give its password with --password-env VAR"
+                    );
+                    return ExitCode::from(2);
+                }
+                (false, Some(_)) => {
+                    eprintln!("--password-env is only for user accounts; built-in and virtual accounts have no password");
+                    return ExitCode::from(2);
+                }
+                (false, None) => None,
+            };
+            let start = match start {
+                StartArg::Auto => StartMode::Auto,
+                StartArg::Delayed => StartMode::Delayed,
+                StartArg::Demand => StartMode::Demand,
+            };
+            let install = svc::Install {
+                config: path,
+                name,
+                account,
+                password,
+                start,
+            };
+            done(svc::install(&install).map(|()| {
+                format!(
+                    "installed service {:?} (config {}); start it with `authgate service start --name {}`",
+                    install.name,
+                    install.config.display(),
+                    install.name
+                )
+            }))
+        }
+        ServiceAction::Uninstall { name } => {
+            done(svc::uninstall(&name).map(|()| format!("removed service {name:?}")))
+        }
+        ServiceAction::Start { name } => done(svc::start(&name).map(|s| svc::describe(&name, &s))),
+        ServiceAction::Stop { name } => done(svc::stop(&name).map(|s| svc::describe(&name, &s))),
+        ServiceAction::Status { name } => done(svc::status(&name)),
+        // Handled above.
+        ServiceAction::Run { .. } => ExitCode::SUCCESS,
     }
 }
 
@@ -290,6 +490,14 @@ async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
 struct Signals {
     #[cfg(unix)]
     unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    /// Ctrl-Break, the console closing, log-off and system shutdown stop a
+    /// console-run gateway like Ctrl-C (Windows has no SIGTERM).
+    #[cfg(windows)]
+    windows: Option<(
+        tokio::signal::windows::CtrlBreak,
+        tokio::signal::windows::CtrlClose,
+        tokio::signal::windows::CtrlShutdown,
+    )>,
 }
 
 impl Signals {
@@ -309,7 +517,19 @@ impl Signals {
             };
             Signals { unix }
         }
-        #[cfg(not(unix))]
+        #[cfg(windows)]
+        {
+            use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_shutdown};
+            let windows = match (ctrl_break(), ctrl_close(), ctrl_shutdown()) {
+                (Ok(b), Ok(c), Ok(s)) => Some((b, c, s)),
+                _ => {
+                    tracing::error!("cannot install console control handlers");
+                    None
+                }
+            };
+            Signals { windows }
+        }
+        #[cfg(not(any(unix, windows)))]
         Signals {}
     }
 
@@ -324,6 +544,16 @@ impl Signals {
                     _ = hup.recv() => { let _ = app.reload(path); }
                 }
             }
+        }
+        #[cfg(windows)]
+        if let Some((mut brk, mut close, mut shut)) = self.windows {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = brk.recv() => {}
+                _ = close.recv() => {}
+                _ = shut.recv() => {}
+            }
+            return;
         }
         let _ = (app, path);
         let _ = tokio::signal::ctrl_c().await;

@@ -45,6 +45,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub outbound: Outbound,
     pub runtime: Runtime,
+    /// `[log]`: where the log goes besides (for a console run) stderr.
+    pub log: Log,
     pub providers: IndexMap<String, ProviderConfig>,
     pub routes: Vec<RouteConfig>,
     /// `None`: no `[callers]` section, everyone is allowed (anonymously).
@@ -125,6 +127,18 @@ pub enum StoreKind {
 pub struct StoreConfig {
     pub kind: StoreKind,
     pub key: Option<SecretSource>,
+    pub protect: Protect,
+}
+
+/// `[store] protect`: how stored tokens are sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protect {
+    /// Plaintext (the file is still private to the account).
+    None,
+    /// AES-256-GCM with `key_env`/`key_file`.
+    Key,
+    /// Windows DPAPI under the process's account (file store only).
+    Dpapi,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -171,6 +185,28 @@ impl ProxyAuthMode {
             Self::Ntlm => "ntlm",
             Self::Basic => "basic",
             Self::None => "none",
+        }
+    }
+}
+
+/// `[log]`. Without `file`, a console run logs to stderr only and a Windows
+/// service to its default folder (`%ProgramData%\authgate\logs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    /// The log file; rotated daily into `<stem>.<YYYY-MM-DD>.<extension>` beside it.
+    pub file: Option<PathBuf>,
+    /// Rotated files kept, the current one included.
+    pub keep: usize,
+}
+
+/// Log files kept when `[log] keep` is not set: two weeks of daily files.
+pub const DEFAULT_LOG_KEEP: usize = 14;
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            file: None,
+            keep: DEFAULT_LOG_KEEP,
         }
     }
 }

@@ -16,6 +16,7 @@ pub(crate) struct RawConfig {
     pub(crate) store: Option<RawStore>,
     pub(crate) outbound: Option<RawOutbound>,
     pub(crate) runtime: Option<RawRuntime>,
+    pub(crate) log: Option<RawLog>,
     #[serde(default)]
     pub(crate) providers: IndexMap<String, RawProvider>,
     #[serde(default)]
@@ -51,6 +52,13 @@ pub(crate) struct RawAdmin {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub(crate) file: Option<String>,
+    pub(crate) keep: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawAudit {
     pub(crate) file: String,
     pub(crate) buffer: Option<usize>,
@@ -70,6 +78,7 @@ pub(crate) struct RawStore {
     pub(crate) url_file: Option<String>,
     pub(crate) key_env: Option<String>,
     pub(crate) key_file: Option<String>,
+    pub(crate) protect: Option<String>,
     /// postgres: table-name prefix, so several fleets (or test runs) share a database.
     pub(crate) table_prefix: Option<String>,
     /// postgres: how often a replica re-reads stored tokens besides LISTEN/NOTIFY.

@@ -155,6 +155,27 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
         ));
     }
 
+    let log = match raw.log {
+        None => Log::default(),
+        Some(l) => {
+            let keep = l.keep.unwrap_or(DEFAULT_LOG_KEEP);
+            if keep == 0 {
+                return Err((root.key("log").key("keep"), "must be at least 1".into()));
+            }
+            let file = match l.file.as_deref() {
+                None => None,
+                Some(f) if f.is_empty() || f.ends_with(['/', '\\']) => {
+                    return Err((
+                        root.key("log").key("file"),
+                        "must name a file (its folder holds the rotated files)".into(),
+                    ))
+                }
+                Some(f) => Some(resolve(f)),
+            };
+            Log { file, keep }
+        }
+    };
+
     let mut providers = IndexMap::new();
     for (name, p) in raw.providers {
         let at = root.key("providers").key(&name);
@@ -218,6 +239,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
         store,
         outbound,
         runtime,
+        log,
         providers,
         routes,
         callers,
@@ -332,6 +354,7 @@ fn store(
                 path: resolve("state/tokens.json"),
             },
             key: None,
+            protect: default_protect(true),
         });
     };
     let key = secret_pair(at, "key", s.key_env, s.key_file, resolve)?;
@@ -372,7 +395,63 @@ fn store(
             ))
         }
     };
-    Ok(StoreConfig { kind, key })
+    let file = matches!(kind, StoreKind::File { .. });
+    let at_protect = || at.key("protect");
+    let protect = match (s.protect.as_deref(), key.is_some()) {
+        (None, true) | (Some("key"), true) => Protect::Key,
+        (None, false) => default_protect(file),
+        (Some("key"), false) => {
+            return Err((
+                at_protect(),
+                "protect = \"key\" needs key_env or key_file".into(),
+            ))
+        }
+        (Some("dpapi"), _) if !cfg!(windows) => {
+            return Err((
+                at_protect(),
+                "\"dpapi\" is Windows only; here use protect = \"key\" with key_env or key_file"
+                    .into(),
+            ))
+        }
+        (Some("dpapi"), true) => {
+            return Err((
+                at_protect(),
+                "\"dpapi\" takes no key: remove key_env/key_file, or use protect = \"key\"".into(),
+            ))
+        }
+        (Some("dpapi"), false) if !file => {
+            return Err((
+                at_protect(),
+                "\"dpapi\" protects the file store only (another machine cannot read it back)"
+                    .into(),
+            ))
+        }
+        (Some("dpapi"), false) => Protect::Dpapi,
+        (Some("none"), true) => {
+            return Err((
+                at_protect(),
+                "\"none\" with key_env/key_file set: remove the key, or use protect = \"key\""
+                    .into(),
+            ))
+        }
+        (Some("none"), false) => Protect::None,
+        (Some(other), _) => {
+            return Err((
+                at_protect(),
+                format!("unknown protection {other:?} (known: dpapi, key, none)"),
+            ))
+        }
+    };
+    Ok(StoreConfig { kind, key, protect })
+}
+
+/// Without a key: DPAPI for a file store on Windows, nothing elsewhere.
+fn default_protect(file_store: bool) -> Protect {
+    if cfg!(windows) && file_store {
+        Protect::Dpapi
+    } else {
+        Protect::None
+    }
 }
 
 fn outbound(

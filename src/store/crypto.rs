@@ -1,7 +1,9 @@
 //! Encryption at rest for stored secrets: AES-256-GCM (ring) with a random 96-bit
 //! nonce per value. A sealed value is `v1:` + base64(nonce ‖ ciphertext ‖ tag); the
 //! provider name is bound as associated data so a value cannot be moved to another
-//! provider's record unnoticed.
+//! provider's record unnoticed. On Windows a store may instead be protected with
+//! DPAPI under the service's account (`dpapi1:` + base64(blob), the provider name
+//! as entropy): no key to keep, readable only by that account on that machine.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -12,16 +14,33 @@ use super::StoreError;
 use crate::secret::Secret;
 
 const PREFIX: &str = "v1:";
+/// A value protected by Windows DPAPI: `dpapi1:` + base64(the DPAPI blob).
+const DPAPI_PREFIX: &str = "dpapi1:";
 
-/// The store key. `Debug` never shows it.
+/// The store key, or DPAPI. `Debug` never shows a key.
 pub struct Cipher {
-    key: LessSafeKey,
-    rng: SystemRandom,
+    kind: Kind,
+}
+
+enum Kind {
+    /// Boxed: the key schedule is half a kilobyte, DPAPI nothing.
+    Aes {
+        key: Box<LessSafeKey>,
+        rng: SystemRandom,
+    },
+    /// Windows DPAPI under the process's account; the provider name is the
+    /// entropy, binding each value to its provider like the AES associated data.
+    #[cfg(windows)]
+    Dpapi,
 }
 
 impl std::fmt::Debug for Cipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Cipher(AES-256-GCM, key: ***)")
+        match self.kind {
+            Kind::Aes { .. } => f.write_str("Cipher(AES-256-GCM, key: ***)"),
+            #[cfg(windows)]
+            Kind::Dpapi => f.write_str("Cipher(DPAPI)"),
+        }
     }
 }
 
@@ -40,25 +59,40 @@ impl Cipher {
         let unbound = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| StoreError::Crypto("invalid AES-256 key".into()))?;
         Ok(Self {
-            key: LessSafeKey::new(unbound),
-            rng: SystemRandom::new(),
+            kind: Kind::Aes {
+                key: Box::new(LessSafeKey::new(unbound)),
+                rng: SystemRandom::new(),
+            },
         })
+    }
+
+    /// DPAPI under the account the process runs as (a service's account).
+    #[cfg(windows)]
+    pub fn dpapi() -> Self {
+        Self { kind: Kind::Dpapi }
     }
 
     /// Encrypts `plaintext`, bound to `context` (the provider name).
     pub fn seal(&self, context: &str, plaintext: &str) -> Result<String, StoreError> {
+        let (key, rng) = match &self.kind {
+            Kind::Aes { key, rng } => (key, rng),
+            #[cfg(windows)]
+            Kind::Dpapi => {
+                let blob = crate::win32::dpapi_protect(plaintext.as_bytes(), context.as_bytes())
+                    .map_err(|e| StoreError::Crypto(format!("DPAPI cannot protect: {e}")))?;
+                return Ok(format!("{DPAPI_PREFIX}{}", B64.encode(blob)));
+            }
+        };
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
+        rng.fill(&mut nonce)
             .map_err(|_| StoreError::Crypto("no randomness for a nonce".into()))?;
         let mut buf = plaintext.as_bytes().to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(context.as_bytes()),
-                &mut buf,
-            )
-            .map_err(|_| StoreError::Crypto("encryption failed".into()))?;
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(context.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| StoreError::Crypto("encryption failed".into()))?;
         let mut out = Vec::with_capacity(NONCE_LEN + buf.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&buf);
@@ -69,6 +103,37 @@ impl Cipher {
     /// Decrypts a value made by `seal` with the same key and context. A wrong key
     /// and a tampered value look the same: an error that says so.
     pub fn open(&self, context: &str, sealed: &str) -> Result<Secret, StoreError> {
+        let key = match (&self.kind, sealed.strip_prefix(DPAPI_PREFIX)) {
+            (Kind::Aes { key, .. }, None) => key,
+            (Kind::Aes { .. }, Some(_)) => {
+                return Err(StoreError::Crypto(
+                    "stored token is protected with DPAPI, but this store is configured with a key"
+                        .into(),
+                ))
+            }
+            #[cfg(windows)]
+            (Kind::Dpapi, Some(b64)) => {
+                let blob = B64.decode(b64).map_err(|_| {
+                    StoreError::Crypto("stored value is not encrypted in a known format".into())
+                })?;
+                let mut plain = crate::win32::dpapi_unprotect(&blob, context.as_bytes())
+                    .map_err(|e| {
+                        StoreError::Crypto(format!(
+                            "DPAPI cannot decrypt stored token (another account or machine, or the data was altered): {e}"
+                        ))
+                    })?;
+                let text = std::str::from_utf8(&plain)
+                    .map_err(|_| StoreError::Crypto("decrypted value is not UTF-8".into()))?
+                    .to_owned();
+                zeroize::Zeroize::zeroize(&mut plain);
+                return Ok(Secret::new(text));
+            }
+            #[cfg(windows)]
+            (Kind::Dpapi, None) => return Err(StoreError::Crypto(
+                "stored token is sealed with a store key, but this store is configured for DPAPI"
+                    .into(),
+            )),
+        };
         let raw = sealed
             .strip_prefix(PREFIX)
             .and_then(|b| B64.decode(b).ok())
@@ -80,8 +145,7 @@ impl Cipher {
         let nonce = Nonce::try_assume_unique_for_key(nonce)
             .map_err(|_| StoreError::Crypto("bad nonce".into()))?;
         let mut buf = ct.to_vec();
-        let plain = self
-            .key
+        let plain = key
             .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buf)
             .map_err(|_| {
                 StoreError::Crypto(
@@ -97,7 +161,7 @@ impl Cipher {
 
     /// Whether a stored string is a sealed value (as opposed to plaintext).
     pub fn is_sealed(value: &str) -> bool {
-        value.starts_with(PREFIX)
+        value.starts_with(PREFIX) || value.starts_with(DPAPI_PREFIX)
     }
 }
 

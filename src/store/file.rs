@@ -4,10 +4,11 @@
 //! The document is read once at start-up and kept in memory, so `load` never touches
 //! the disk. Every `save` rewrites the whole file atomically (temp file in the same
 //! folder, fsync, rename over, fsync the folder): a crash leaves either the old or
-//! the new document, never a torn one. An unreadable document is set aside and the
-//! store starts empty; a token that cannot be decrypted is a start-up error, because
-//! it means the wrong key is configured and silently dropping the tokens would throw
-//! away a rotated refresh token for good.
+//! the new document, never a torn one. An unreadable document (corrupt JSON) and
+//! one whose tokens cannot be decrypted (another key, tampered with) are set aside
+//! under a new name, reported once, and the store starts empty, so the providers
+//! fetch new tokens. Nothing is deleted: with the right key back, the set-aside
+//! file can be restored by renaming it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -67,12 +68,12 @@ impl FileStore {
     /// - `Io` naming the folder when it cannot be created or written (probed with a
     ///   test file), or the file when it exists but cannot be read. Whether that is
     ///   fatal is the caller's decision: it may log it and fall back to a memory store.
-    /// - `Crypto` naming the file and provider when a stored token does not decrypt
-    ///   with the configured key (wrong key).
     /// - `Config` when the file is encrypted and no key is configured.
     ///
     /// A corrupt document or one of an unknown version is not an error: it is renamed
     /// to `<file>.corrupt-<unix-ts>`, a warning names it, and the store starts empty.
+    /// Likewise a document with a token that does not decrypt with the configured key
+    /// (another key, or altered): renamed to `<file>.unreadable-<UTC time>`.
     pub fn open(path: &Path, cipher: Option<Arc<Cipher>>) -> Result<FileStore, StoreError> {
         let file_name = path
             .file_name()
@@ -95,10 +96,19 @@ impl FileStore {
         let mut plaintext = 0usize;
         for (provider, record) in read_document(path)? {
             plaintext += usize::from(!record.encrypted);
-            let token = record
-                .open(&provider, cipher.as_deref())
-                .map_err(|e| locate(e, path, &provider))?;
-            tokens.insert(provider, token);
+            match record.open(&provider, cipher.as_deref()) {
+                Ok(token) => {
+                    tokens.insert(provider, token);
+                }
+                Err(e @ StoreError::Crypto(_)) => {
+                    let reason = locate(e, path, &provider).to_string();
+                    set_unreadable_aside(path, &reason);
+                    tokens.clear();
+                    plaintext = 0;
+                    break;
+                }
+                Err(e) => return Err(locate(e, path, &provider)),
+            }
         }
         if cipher.is_some() && plaintext > 0 {
             tracing::info!(
@@ -288,6 +298,36 @@ fn set_aside(path: &Path, reason: &str) {
             error = %e,
             "token store file is unreadable and could not be set aside: starting with an \
              empty store, the file is replaced on the next save"
+        ),
+    }
+}
+
+/// Sets aside a document that parses but cannot be decrypted, as
+/// `<file>.unreadable-<UTC time>` (no `:` in it: Windows file names cannot hold one).
+fn set_unreadable_aside(path: &Path, reason: &str) {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(':', "-");
+    let mut aside = with_suffix(path, &format!(".unreadable-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = with_suffix(path, &format!(".unreadable-{stamp}-{n}"));
+        n += 1;
+    }
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            file = %path.display(),
+            moved_to = %aside.display(),
+            reason,
+            "token store cannot be read back with this key: set aside, starting with an \
+             empty store; providers fetch new tokens"
+        ),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            reason,
+            error = %e,
+            "token store cannot be read back with this key and could not be set aside: \
+             starting with an empty store, the file is replaced on the next save"
         ),
     }
 }
@@ -494,7 +534,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wrong_key_is_refused_at_open() {
+    async fn a_store_sealed_with_another_key_is_set_aside_not_lost() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         FileStore::open(&path, key("ab"))
@@ -502,16 +542,54 @@ mod tests {
             .save("crm", &token(1))
             .await
             .unwrap();
+        let sealed = fs::read(&path).unwrap();
 
-        let err = FileStore::open(&path, key("cd")).unwrap_err();
-        assert!(matches!(err, StoreError::Crypto(_)), "{err}");
-        let msg = err.to_string();
-        assert!(msg.contains("wrong store key"), "{msg}");
+        let store = FileStore::open(&path, key("cd")).unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), None, "starts empty");
+        let names = names_in(dir.path());
+        assert_eq!(names.len(), 1, "{names:?}");
         assert!(
-            msg.contains("tokens.json") && msg.contains("\"crm\""),
-            "{msg}"
+            names[0].starts_with("tokens.json.unreadable-") && names[0].ends_with('Z'),
+            "{names:?}"
         );
-        assert!(path.exists(), "a wrong key never destroys the store");
+        assert!(!names[0].contains(':'), "a valid Windows file name");
+        assert_eq!(
+            fs::read(dir.path().join(&names[0])).unwrap(),
+            sealed,
+            "kept as it was"
+        );
+        // The old key reads the set-aside file back once it is renamed.
+        fs::rename(dir.path().join(&names[0]), &path).unwrap();
+        let back = FileStore::open(&path, key("ab")).unwrap();
+        assert_eq!(back.load("crm").await.unwrap(), Some(token(1)));
+    }
+
+    #[tokio::test]
+    async fn a_tampered_store_is_set_aside_and_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        FileStore::open(&path, key("ab"))
+            .unwrap()
+            .save("crm", &token(1))
+            .await
+            .unwrap();
+        // Flip one character of the sealed access token (base64 stays base64).
+        let text = fs::read_to_string(&path).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sealed = doc["providers"]["crm"]["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut altered = sealed.clone().into_bytes();
+        let i = altered.len() / 2;
+        altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+        let altered = String::from_utf8(altered).unwrap();
+        fs::write(&path, text.replace(&sealed, &altered)).unwrap();
+
+        let store = FileStore::open(&path, key("ab")).unwrap();
+        assert_eq!(store.load("crm").await.unwrap(), None);
+        let names = names_in(dir.path());
+        assert!(names[0].starts_with("tokens.json.unreadable-"), "{names:?}");
     }
 
     #[tokio::test]

@@ -24,9 +24,11 @@ pub mod record;
 /// non-fatal: log it and fall back to a `MemoryStore`; a `Crypto` or `Config`
 /// error means the configuration is wrong and should stop the start-up.
 pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn TokenStore>, StoreError> {
-    let cipher = match &cfg.key {
-        None => None,
-        Some(source) => {
+    let cipher = match (&cfg.key, cfg.protect) {
+        #[cfg(windows)]
+        (None, crate::config::Protect::Dpapi) => Some(Arc::new(crypto::Cipher::dpapi())),
+        (None, _) => None,
+        (Some(source), _) => {
             let key = source
                 .load()
                 .map_err(|e| StoreError::Config(format!("cannot load the store key: {e}")))?;
@@ -171,7 +173,12 @@ mod tests {
     use std::time::Duration;
 
     fn config(kind: StoreKind, key: Option<SecretSource>) -> StoreConfig {
-        StoreConfig { kind, key }
+        let protect = if key.is_some() {
+            crate::config::Protect::Key
+        } else {
+            crate::config::Protect::None
+        };
+        StoreConfig { kind, key, protect }
     }
 
     #[tokio::test]

@@ -242,3 +242,50 @@ fn run_is_the_default_command() {
     let _ = child.wait();
     assert!(listening, "authgate with no subcommand did not serve");
 }
+
+#[test]
+fn log_keep_of_zero_and_unknown_log_keys_are_errors() {
+    let (code, _, err) = check(&format!(
+        "{BASE}\n[log]\nfile = \"logs/authgate.log\"\nkeep = 0\n"
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("proxy.toml:14:1: log.keep: must be at least 1"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!("{BASE}\n[log]\nrotate = \"hourly\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("log.rotate"), "{err}");
+    let (code, _, err) = check(&format!("{BASE}\n[log]\nfile = \"logs/\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("log.file: must name a file"), "{err}");
+}
+
+#[test]
+fn store_protect_is_checked_and_dpapi_is_windows_only() {
+    let (code, _, err) = check(&format!("{BASE}\n[store]\nprotect = \"dpapi\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("proxy.toml:13:1: store.protect: \"dpapi\" is Windows only"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!("{BASE}\n[store]\nprotect = \"key\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("store.protect: protect = \"key\" needs key_env"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!(
+        "{BASE}\n[store]\nprotect = \"none\"\nkey_env = \"K\"\n"
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("store.protect: \"none\" with key_env"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!("{BASE}\n[store]\nprotect = \"rot13\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown protection \"rot13\""), "{err}");
+    let (code, _, err) = check(&format!("{BASE}\n[store]\nprotect = \"none\"\n"));
+    assert_eq!(code, 0, "{err}");
+}

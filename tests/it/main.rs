@@ -20,3 +20,6 @@ mod proxy_auth;
 mod secrecy;
 mod tokens;
 mod upstream_tls;
+// The Windows binary under Wine, which runs on Linux.
+#[cfg(unix)]
+mod windows;

@@ -977,3 +977,87 @@ async fn an_https_upstream_is_reached_through_a_connect_tunnel() {
     );
     gw.stop().await;
 }
+
+/// `[log] file`: the real binary logs to a daily file beside the configured
+/// name, prunes older ones to `keep`, and never writes a secret there.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_binary_logs_to_a_rotated_file_and_keeps_keep_files() {
+    use tokio::io::AsyncBufReadExt;
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // Older rotated files, as earlier days would have left them.
+    for day in 1..=5 {
+        std::fs::write(logs.join(format!("authgate.2026-11-0{day}.log")), "old\n").unwrap();
+    }
+    std::fs::write(dir.path().join("secret"), "log-file-secret-77").unwrap();
+    let toml = format!(
+        r#"[listen]
+addr = "127.0.0.1:0"
+[store]
+kind = "memory"
+[log]
+file = "logs/authgate.log"
+keep = 3
+[providers.crm]
+grant = "client_credentials"
+token_url = "{idp}"
+client_id = "billing"
+client_secret_file = "secret"
+[[routes]]
+prefix = "/crm"
+upstream = "{up}"
+provider = "crm"
+"#,
+        idp = idp.token_url(),
+        up = up.url()
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .args(["run", "--no-watch", "--log-format", "json", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let today = logs.join(format!("authgate.{}.log", utc_today()));
+    eventually(20, "the refresh logged to today's file", || async {
+        std::fs::read_to_string(&today).is_ok_and(|t| t.contains("token refreshed"))
+    })
+    .await;
+    let text = std::fs::read_to_string(&today).unwrap();
+    assert!(text.contains("authgate listening"), "{text}");
+    assert!(
+        !text.contains("log-file-secret-77") && !text.contains("tok-1"),
+        "{text}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("authgate.") && n.ends_with(".log"))
+        .collect();
+    assert_eq!(kept.len(), 3, "keep = 3, today's included: {kept:?}");
+    assert!(kept.iter().any(|n| today.ends_with(n)), "{kept:?}");
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Today's UTC date as `YYYY-MM-DD` (the rotated files' names).
+fn utc_today() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10].to_owned()
+}

@@ -195,7 +195,7 @@ async fn persist_unusable_store_folder_keeps_serving_and_shows_failing() {
 }
 
 #[tokio::test]
-async fn persist_encrypted_store_round_trip_and_wrong_key_refused() {
+async fn persist_encrypted_store_round_trip_and_another_key_sets_it_aside() {
     let idp = MockIdp::start().await;
     let up = MockUpstream::with_idp(&idp).await;
     std::env::set_var("PERSIST_KEY_GOOD", "5a".repeat(32));
@@ -225,12 +225,33 @@ async fn persist_encrypted_store_round_trip_and_wrong_key_refused() {
     assert_eq!(up.last().headers["authorization"], "Bearer tok-1");
     let dir = stop_keep_dir(gw).await;
 
-    let err = TestGateway::start_in(dir, &with_key("PERSIST_KEY_WRONG"))
+    // Another key cannot read the store back: it is set aside (not deleted),
+    // reported, and the provider fetches a new token.
+    let logs = captured_logs();
+    let gw = TestGateway::start_in(dir, &with_key("PERSIST_KEY_WRONG"))
         .await
-        .expect_err("a wrong key must stop the start-up");
-    assert_eq!(err.exit_code(), 2, "{err}");
-    assert!(err.to_string().contains("tokens.json"), "{err}");
-    assert_eq!(idp.requests(), 1);
+        .expect("a store that cannot be read back does not stop the start-up");
+    gw.ready().await;
+    assert_eq!(
+        idp.requests(),
+        2,
+        "a new token instead of the unreadable one"
+    );
+    assert_eq!(c.get(&gw.url("/crm/c")).await.status, StatusCode::OK);
+    let aside: Vec<String> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("tokens.json.unreadable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let reports = text
+        .lines()
+        .filter(|l| l.contains("token store cannot be read back") && l.contains(&aside[0]))
+        .count();
+    assert_eq!(reports, 1, "reported once");
+    assert!(!text.contains("tok-1") && !text.contains(&"a5".repeat(32)));
+    gw.stop().await;
 }
 
 #[tokio::test]
