@@ -9,6 +9,8 @@
 //!   service manager passes.
 //! - DPAPI (`CryptProtectData`, `CryptUnprotectData`): the file store's protection
 //!   under the service's account.
+//! - The machine's WinHTTP proxy (`WinHttpGetDefaultProxyConfiguration`), the last
+//!   egress proxy fallback before direct.
 
 #![expect(unsafe_code)]
 
@@ -237,4 +239,41 @@ pub(crate) fn dpapi_unprotect(sealed: &[u8], entropy: &[u8]) -> std::io::Result<
         return Err(std::io::Error::last_os_error());
     }
     Ok(take_output(out))
+}
+
+/// The machine's WinHTTP proxy (`netsh winhttp set proxy`): the proxy list and
+/// the bypass list as Windows stores them, or `None` when it is direct.
+pub(crate) fn winhttp_default_proxy() -> Option<(String, String)> {
+    use windows_sys::Win32::Foundation::GlobalFree;
+    use windows_sys::Win32::Networking::WinHttp::{
+        WinHttpGetDefaultProxyConfiguration, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO,
+    };
+
+    let mut info = WINHTTP_PROXY_INFO {
+        dwAccessType: 0,
+        lpszProxy: std::ptr::null_mut(),
+        lpszProxyBypass: std::ptr::null_mut(),
+    };
+    // SAFETY: `info` is a valid out-structure; the strings it receives are
+    // GlobalAlloc'd by WinHTTP and freed below, once each.
+    let ok = unsafe { WinHttpGetDefaultProxyConfiguration(&mut info) };
+    if ok == 0 {
+        return None;
+    }
+    let take = |p: *mut u16| -> String {
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: a NUL-terminated wide string from WinHTTP, read then freed.
+        unsafe {
+            let len = (0..).take_while(|&i| *p.add(i) != 0).count();
+            let s = String::from_utf16_lossy(std::slice::from_raw_parts(p, len));
+            GlobalFree(p.cast());
+            s
+        }
+    };
+    let proxy = take(info.lpszProxy);
+    let bypass = take(info.lpszProxyBypass);
+    (info.dwAccessType == WINHTTP_ACCESS_TYPE_NAMED_PROXY && !proxy.trim().is_empty())
+        .then_some((proxy, bypass))
 }

@@ -15,6 +15,7 @@ use super::Console;
 use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::metrics::Quantile;
+use crate::outbound::egress::{self, display_url};
 use crate::token::{ProviderState, ProviderView};
 
 /// HTML-escapes text for element content and quoted attributes.
@@ -56,44 +57,6 @@ fn when(t: SystemTime, now: SystemTime) -> String {
         duration(ago),
         ts = humantime::format_rfc3339_seconds(t)
     )
-}
-
-/// A URL for display: no user information (credentials), no query.
-fn display_url(s: &str) -> String {
-    let (scheme, rest) = s.split_once("://").unwrap_or(("", s));
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    if scheme.is_empty() {
-        format!("{host}{path}")
-    } else {
-        format!("{scheme}://{host}{path}")
-    }
-}
-
-/// The egress proxy in use and where it came from.
-fn egress(o: &crate::config::Outbound) -> (String, String) {
-    if let Some(p) = &o.proxy {
-        return (display_url(&p.to_string()), "[outbound] proxy".into());
-    }
-    for var in [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            if !v.trim().is_empty() {
-                return (display_url(v.trim()), format!("${var}"));
-            }
-        }
-    }
-    ("direct".into(), "no proxy configured".into())
 }
 
 fn state_class(s: ProviderState) -> &'static str {
@@ -227,7 +190,7 @@ fn render(gw: &Gateway, console: &Console) -> String {
         .collect();
     let store_kind = gw.store.store.kind();
     let store_failing = gw.store.is_failing();
-    let (proxy, mut proxy_from) = egress(&snap.config.outbound);
+    let (proxy, mut proxy_from) = egress::describe(&snap.config.outbound);
     if proxy != "direct" {
         let _ = write!(
             proxy_from,

@@ -168,6 +168,7 @@ fn readyz(gw: &Gateway) -> Response<GatewayBody> {
 
 fn status(gw: &Gateway) -> Response<GatewayBody> {
     let snap = gw.snapshot();
+    let (proxy, proxy_source) = crate::outbound::egress::describe(&snap.config.outbound);
     let providers: serde_json::Map<String, serde_json::Value> = snap
         .providers
         .iter()
@@ -200,6 +201,7 @@ fn status(gw: &Gateway) -> Response<GatewayBody> {
                 "mode": snap.config.outbound.proxy_auth.as_str(),
                 "failures": gw.metrics.proxy_auth_failures().get(),
             },
+            "egress": {"proxy": proxy, "source": proxy_source},
         }),
     )
 }

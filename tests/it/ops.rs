@@ -1061,3 +1061,28 @@ provider = "crm"
 fn utc_today() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10].to_owned()
 }
+
+/// `/status` names the egress proxy in use and where it came from.
+#[tokio::test]
+async fn status_names_the_egress_proxy_and_its_source() {
+    let up = MockUpstream::start().await;
+    let route = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let c = Client::new();
+    let gw = TestGateway::start(&format!(
+        "[outbound]\nproxy = \"http://proxy.corp.example:3128\"\nno_proxy = [\"127.0.0.1\"]\n{route}"
+    ))
+    .await;
+    let st = c.get(&gw.admin_url("/status")).await.json();
+    assert_eq!(st["egress"]["proxy"], "http://proxy.corp.example:3128/");
+    assert_eq!(st["egress"]["source"], "[outbound] proxy");
+    gw.stop().await;
+
+    // No proxy anywhere (this test binary sets no proxy variable).
+    let gw = TestGateway::start(&route).await;
+    let st = c.get(&gw.admin_url("/status")).await.json();
+    assert_eq!(st["egress"]["proxy"], "direct");
+    gw.stop().await;
+}

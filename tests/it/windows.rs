@@ -769,3 +769,80 @@ async fn wine_floor_and_authgate_under_the_same_burst() {
     }
     gw.stop().await;
 }
+
+/// `wine reg ARGS` in the test prefix.
+async fn wine_reg(w: &Wine, args: &[&str]) {
+    let st = Command::new("wine")
+        .arg("reg")
+        .args(args)
+        .env("WINEPREFIX", &w.prefix)
+        .env("WINEDEBUG", "-all")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(st.success(), "wine reg {args:?} failed");
+}
+
+const WINHTTP_KEY: &str =
+    r"HKLM\Software\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+
+/// The machine's WinHTTP proxy is the last fallback before direct: `/status`
+/// names it and its source, and its bypass list applies (`<local>` covers the
+/// loopback upstream). Wine's `netsh winhttp` is a stub, so the test writes the
+/// `WinHttpSettings` value `netsh winhttp set proxy` would (Wine's layout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exe_uses_and_shows_the_winhttp_machine_proxy() {
+    let Some((w, _turn)) = wine_turn().await else {
+        return;
+    };
+    let (proxy, bypass) = (
+        &b"proxy.corp.example:8080"[..],
+        &b"<local>;*.corp.example"[..],
+    );
+    let mut blob = Vec::new();
+    for v in [0x18u32, 0, 2] {
+        blob.extend_from_slice(&v.to_le_bytes());
+    }
+    for s in [proxy, bypass] {
+        blob.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        blob.extend_from_slice(s);
+    }
+    let hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+    wine_reg(
+        w,
+        &[
+            "add",
+            WINHTTP_KEY,
+            "/v",
+            "WinHttpSettings",
+            "/t",
+            "REG_BINARY",
+            "/d",
+            &hex,
+            "/f",
+        ],
+    )
+    .await;
+
+    let idp = MockIdp::start().await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let dir = write_config(&idp, &up, MEMORY_STORE);
+    let gw = WinGateway::start(w, dir.path()).await;
+    let c = Client::new();
+    let st = c.get(&gw.admin_url("/status")).await.json();
+    let result = async {
+        gw.ready().await;
+        let r = c.get(&gw.url("/crm/x")).await;
+        (st["egress"].clone(), r.status)
+    }
+    .await;
+    gw.stop().await;
+    wine_reg(w, &["delete", WINHTTP_KEY, "/v", "WinHttpSettings", "/f"]).await;
+    assert_eq!(
+        result.0,
+        serde_json::json!({"proxy": "http://proxy.corp.example:8080", "source": "WinHTTP (netsh winhttp)"})
+    );
+    assert_eq!(result.1, StatusCode::OK, "loopback bypasses the proxy");
+}
