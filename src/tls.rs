@@ -27,7 +27,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The OS trust store, loaded once per process (it can take tens of milliseconds).
+/// The OS trust store for the webpki fallback, loaded once per process (it can
+/// take tens of milliseconds).
 fn native_roots() -> &'static [CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
     ROOTS.get_or_init(|| {
@@ -66,23 +67,42 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// A client config trusting the OS roots plus `extra_ca`, presenting `client` (cert,
-/// key) when set, offering h2 and http/1.1 by ALPN when `h2` is true.
+/// A client config that verifies through the operating system's verifier (on
+/// Windows the certificate store with its enterprise and TLS-inspection roots,
+/// revocation as Windows checks it; elsewhere the system's CA bundle), trusting
+/// `extra_ca` too, presenting `client` (cert, key) when set, offering h2 and
+/// http/1.1 by ALPN when `h2` is true.
 pub fn client_config(
     extra_ca: Option<&Path>,
     client: Option<(&Path, &Path)>,
     h2: bool,
 ) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(native_roots().iter().cloned());
-    if let Some(ca) = extra_ca {
-        for cert in load_certs(ca, "CA certificate")? {
-            roots.add(cert)?;
+    let extra = match extra_ca {
+        Some(ca) => load_certs(ca, "CA certificate")?,
+        None => Vec::new(),
+    };
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match rustls_platform_verifier::Verifier::new_with_extra_roots(
+        extra.iter().cloned(),
+        provider(),
+    ) {
+        Ok(verifier) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier)),
+        // Extra roots on Windows need a chain engine with an exclusive root
+        // store (Windows 8 and later); where that is missing (e.g. Wine), the
+        // OS store's roots plus the extra ones are verified by webpki instead.
+        Err(e) => {
+            tracing::warn!(error = %e, "the OS verifier cannot take extra roots here; verifying with the OS roots and `ca` through webpki");
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(native_roots().iter().cloned());
+            for cert in extra {
+                roots.add(cert)?;
+            }
+            builder.with_root_certificates(roots)
         }
-    }
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    };
     let cfg = match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,

@@ -11,7 +11,7 @@ use crate::support::pki::{ca, leaf, write, Ca, Leaf};
 use crate::support::{full, Client, TestGateway};
 
 #[derive(Debug, Default)]
-struct Seen {
+pub(crate) struct Seen {
     connections: usize,
     versions: Vec<String>,
     client_cert: Vec<bool>,
@@ -21,7 +21,7 @@ struct Seen {
 }
 
 /// A TLS upstream offering h2 and http/1.1, optionally requiring client certs.
-async fn tls_upstream(
+pub(crate) async fn tls_upstream(
     server: &Leaf,
     client_ca: Option<&Ca>,
 ) -> (std::net::SocketAddr, Arc<Mutex<Seen>>) {

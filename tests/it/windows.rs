@@ -846,3 +846,51 @@ async fn exe_uses_and_shows_the_winhttp_machine_proxy() {
     );
     assert_eq!(result.1, StatusCode::OK, "loopback bypasses the proxy");
 }
+
+/// TLS to an upstream through the OS verifier (on Windows CryptoAPI's chain
+/// engine): a route with `ca` trusts the test CA, one without it refuses the
+/// same server (502), under Wine's crypt32.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exe_verifies_upstream_tls_with_the_route_ca() {
+    let Some((w, _turn)) = wine_turn().await else {
+        return;
+    };
+    use crate::support::pki::{ca, leaf, write};
+    let ca = ca("wine upstream CA");
+    let server = leaf(&ca, &["localhost"], false);
+    let (addr, _seen) = crate::upstream_tls::tls_upstream(&server, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ca.pem", &ca.pem);
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!(
+            r#"[listen]
+addr = "127.0.0.1:0"
+[store]
+kind = "memory"
+[[routes]]
+prefix = "/secure"
+upstream = "https://localhost:{port}"
+ca = "ca.pem"
+[[routes]]
+prefix = "/untrusted"
+upstream = "https://localhost:{port}"
+"#,
+            port = addr.port()
+        ),
+    )
+    .unwrap();
+    let gw = WinGateway::start(w, dir.path()).await;
+    let c = Client::new();
+    let ok = c.get(&gw.url("/secure/x")).await;
+    let refused = c.get(&gw.url("/untrusted/x")).await;
+    let logs = gw.logs();
+    assert_eq!(gw.stop().await, Some(0));
+    assert_eq!(ok.status, StatusCode::OK, "{}\n{logs}", ok.text());
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+}
