@@ -158,7 +158,7 @@ pub fn peer_names(certs: Option<&[CertificateDer<'_>]>) -> Vec<String> {
 
 /// One DER element at the start of `der`: (tag, contents, rest). Short and long
 /// length forms; anything malformed ends the walk.
-fn der_next(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der_next(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = der.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {

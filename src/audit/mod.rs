@@ -48,7 +48,7 @@ pub struct RequestRecord {
 }
 
 /// One token request to an IdP (or adoption of a stored one).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TokenEvent {
     #[serde(serialize_with = "rfc3339")]
     pub ts: SystemTime,

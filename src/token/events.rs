@@ -7,33 +7,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
 use super::{Provider, Trigger};
 use crate::audit::TokenEvent;
 
 /// How many token events the console keeps.
 pub const EVENTS_KEPT: usize = 50;
 
-/// One token event, with the audit log's token-event fields.
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenEventRecord {
-    #[serde(serialize_with = "rfc3339")]
-    pub ts: SystemTime,
-    pub event: &'static str,
-    pub provider: Arc<str>,
-    pub trigger: &'static str,
-    pub outcome: &'static str,
-    pub generation: Option<u64>,
-    pub expires_in_s: Option<u64>,
-    pub duration_ms: u64,
-    /// OAuth error code or failure kind; never a token, secret or IdP body.
-    pub error: Option<String>,
-}
-
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
+/// One token event: the audit log's token-event line, also kept for the console.
+pub type TokenEventRecord = TokenEvent;
 
 /// A bounded ring of the newest token events, shared by every provider across
 /// reloads.
@@ -93,17 +74,7 @@ impl Provider {
             error,
         };
         if let Some(audit) = &self.audit {
-            audit.token(TokenEvent {
-                ts: ev.ts,
-                event: ev.event,
-                provider: ev.provider.clone(),
-                trigger: ev.trigger,
-                outcome: ev.outcome,
-                generation: ev.generation,
-                expires_in_s: ev.expires_in_s,
-                duration_ms: ev.duration_ms,
-                error: ev.error.clone(),
-            });
+            audit.token(ev.clone());
         }
         self.events.push(ev);
     }

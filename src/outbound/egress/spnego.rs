@@ -3,6 +3,8 @@
 //! NegTokenInit naming NTLM alone and carrying its NEGOTIATE message, each later
 //! one a NegTokenResp. Just the DER this needs, nothing general.
 
+use crate::tls::der_next;
+
 /// SPNEGO's OID 1.3.6.1.5.5.2.
 const SPNEGO_OID: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x02];
 /// NTLMSSP's OID 1.3.6.1.4.1.311.2.2.10.
@@ -67,25 +69,6 @@ pub(super) fn rejected(token: &[u8]) -> bool {
         return false;
     };
     matches!(der_next(fields), Some((0xa0, state, _)) if state == [0x0a, 0x01, 0x02])
-}
-
-/// One DER element: (tag, contents, rest).
-fn der_next(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = der.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]
