@@ -96,8 +96,14 @@ impl Provider {
             g
         };
         let token = Arc::new(
-            self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
-                .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
+            Token::new(
+                &self.cfg.scheme,
+                resp.access_token,
+                resp.expires_in,
+                resp.scope,
+                generation,
+            )
+            .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
         );
         // As for a rotation: the refresh token is in the store before the access
         // token is served.

@@ -1,15 +1,16 @@
-//! The token cell and its generation fence. Requests load the cell and nothing
-//! else; every new token is published through `publish`, which never lets an
-//! older generation replace a newer one.
+//! The token, and the lock-free cell that holds a provider's current one.
+//! Requests load the cell and nothing else; every new token goes in through
+//! `TokenCell::publish`, a compare-and-swap that only replaces the token its
+//! caller's rule accepts, so an older generation can never be put back.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::{ArcSwapOption, Guard};
 use bytes::Bytes;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use super::Provider;
 use crate::secret::Secret;
 
 /// A credential that cannot be sent: it has bytes a header value cannot carry.
@@ -42,6 +43,35 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
+    /// A token obtained now: its header value (`scheme` and the value, or the bare
+    /// value when `scheme` is empty) built once and marked sensitive.
+    pub fn new(
+        scheme: &str,
+        value: Secret,
+        lifetime: Option<Duration>,
+        scope: Option<String>,
+        generation: u64,
+    ) -> Result<Token, NotAHeaderValue> {
+        let text = if scheme.is_empty() {
+            value.expose().to_owned()
+        } else {
+            format!("{scheme} {}", value.expose())
+        };
+        let mut header_value =
+            HeaderValue::from_maybe_shared(Bytes::from(text)).map_err(|_| NotAHeaderValue)?;
+        header_value.set_sensitive(true);
+        let now = Instant::now();
+        Ok(Token {
+            generation,
+            header_value,
+            access_token: value,
+            scope,
+            expires_at: lifetime.map(|l| now + l),
+            lifetime,
+            obtained_at: SystemTime::now(),
+        })
+    }
+
     pub fn is_valid(&self, now: Instant) -> bool {
         self.expires_at.is_none_or(|e| now < e)
     }
@@ -58,89 +88,109 @@ pub struct Credential {
     pub generation: u64,
 }
 
-impl Provider {
-    /// The current token, whatever its validity.
-    pub fn current(&self) -> Option<Arc<Token>> {
-        self.cell.load_full()
+/// A provider's current token, read lock-free by every request.
+#[derive(Debug, Default)]
+pub struct TokenCell(ArcSwapOption<Token>);
+
+impl TokenCell {
+    /// The request path's read: one atomic load, no reference count taken.
+    pub fn load(&self) -> Guard<Option<Arc<Token>>> {
+        self.0.load()
     }
 
-    /// Whether the provider holds a valid token (readiness).
-    pub fn is_ready(&self) -> bool {
-        self.cell
-            .load()
-            .as_ref()
-            .is_some_and(|t| t.is_valid(Instant::now()))
+    /// The current token, whatever its validity.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.0.load_full()
+    }
+
+    /// Stores `token` if `replaces` accepts the token held at that moment; retried
+    /// when another publisher got in between, so the rule always judges the token
+    /// actually replaced.
+    pub fn publish(
+        &self,
+        token: &Arc<Token>,
+        mut replaces: impl FnMut(Option<&Token>) -> bool,
+    ) -> bool {
+        let mut held = self.0.load();
+        loop {
+            if !replaces(held.as_deref()) {
+                return false;
+            }
+            let prev = self.0.compare_and_swap(&held, Some(token.clone()));
+            if same(&prev, &held) {
+                return true;
+            }
+            held = prev;
+        }
     }
 
     /// The current token if its generation is above `above` (any, when `None`) and
-    /// it is valid beyond the refresh margin.
-    pub(super) fn newer_than(&self, above: Option<u64>) -> Option<Arc<Token>> {
+    /// `fresh` accepts it.
+    pub fn newer_than(
+        &self,
+        above: Option<u64>,
+        fresh: impl FnOnce(&Token) -> bool,
+    ) -> Option<Arc<Token>> {
         let current = self.current()?;
-        if above.is_some_and(|g| current.generation <= g) {
+        if above.is_some_and(|g| current.generation <= g) || !fresh(&current) {
             return None;
         }
-        let now = Instant::now();
-        let fresh = match (current.expires_in(now), current.lifetime) {
-            (Some(rem), Some(life)) => rem > self.margin(life),
-            (Some(rem), None) => !rem.is_zero(),
-            (None, _) => true,
-        };
-        fresh.then_some(current)
+        Some(current)
     }
+}
 
-    /// Stores `token` in the cell when `replaces` accepts the token held then. Under
-    /// the state lock, so a refresh and an adoption landing together can never put
-    /// an older generation back.
-    pub(super) fn publish(
-        &self,
-        token: &Arc<Token>,
-        replaces: impl FnOnce(Option<&Token>) -> bool,
-    ) -> bool {
-        let _st = self.state();
-        let held = self.cell.load();
-        if !replaces(held.as_deref()) {
-            return false;
-        }
-        self.cell.store(Some(token.clone()));
-        true
+fn same(a: &Option<Arc<Token>>, b: &Option<Arc<Token>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
+}
 
-    /// Publishes a token from the IdP; the one held then if that is newer (another
-    /// replica's, adopted meanwhile: the fleet's token wins).
-    pub(super) fn publish_fetched(&self, token: Arc<Token>) -> Arc<Token> {
-        let generation = token.generation;
-        if self.publish(&token, |held| {
-            held.is_none_or(|h| h.generation <= generation)
-        }) {
-            return token;
-        }
-        self.current().unwrap_or(token)
-    }
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
 
-    pub(super) fn make_token(
-        &self,
-        value: Secret,
-        lifetime: Option<Duration>,
-        scope: Option<String>,
-        generation: u64,
-    ) -> Result<Token, NotAHeaderValue> {
-        let text = if self.cfg.scheme.is_empty() {
-            value.expose().to_owned()
-        } else {
-            format!("{} {}", self.cfg.scheme, value.expose())
-        };
-        let mut header_value =
-            HeaderValue::from_maybe_shared(Bytes::from(text)).map_err(|_| NotAHeaderValue)?;
-        header_value.set_sensitive(true);
-        let now = Instant::now();
-        Ok(Token {
+    fn token(generation: u64) -> Arc<Token> {
+        let t = Token::new(
+            "Bearer",
+            Secret::new(format!("t{generation}")),
+            None,
+            None,
             generation,
-            header_value,
-            access_token: value,
-            scope,
-            expires_at: lifetime.map(|l| now + l),
-            lifetime,
-            obtained_at: SystemTime::now(),
-        })
+        );
+        Arc::new(t.unwrap())
+    }
+
+    #[test]
+    fn publish_keeps_the_newest_generation() {
+        let cell = TokenCell::default();
+        let newer = |t: &Arc<Token>| {
+            let g = t.generation;
+            move |held: Option<&Token>| held.is_none_or(|h| h.generation < g)
+        };
+        let two = token(2);
+        assert!(cell.publish(&two, newer(&two)));
+        let one = token(1);
+        assert!(
+            !cell.publish(&one, newer(&one)),
+            "an older generation never goes back"
+        );
+        assert_eq!(cell.current().unwrap().generation, 2);
+        assert!(cell.newer_than(Some(1), |_| true).is_some());
+        assert!(cell.newer_than(Some(2), |_| true).is_none());
+        assert!(cell.newer_than(None, |_| false).is_none());
+    }
+
+    #[test]
+    fn a_header_value_is_built_once_and_sensitive() {
+        let t = token(7);
+        assert_eq!(t.header_value, "Bearer t7");
+        assert!(t.header_value.is_sensitive());
+        let bare = Token::new("", Secret::new("k"), None, None, 1).unwrap();
+        assert_eq!(bare.header_value, "k");
+        assert!(Token::new("Bearer", Secret::new("a\nb"), None, None, 1).is_err());
+        assert!(!format!("{t:?}").contains("t7"), "Debug hides the token");
     }
 }

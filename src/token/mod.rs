@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -39,7 +38,7 @@ pub mod source;
 mod tests;
 mod view;
 
-pub use cell::{Credential, Token};
+pub use cell::{Credential, Token, TokenCell};
 pub use events::{TokenEventRecord, TokenEvents, EVENTS_KEPT};
 pub use persist::StoreHandle;
 pub use source::{OAuthSource, TokenSource};
@@ -125,7 +124,7 @@ pub enum ProviderError {
 pub struct Provider {
     pub name: Arc<str>,
     pub cfg: ProviderConfig,
-    cell: ArcSwapOption<Token>,
+    cell: TokenCell,
     state: Mutex<State>,
     wake: Notify,
     /// `None` for a `static` provider: its token never changes.
@@ -207,7 +206,7 @@ impl Provider {
             audit: deps.audit,
             events: deps.events,
             fingerprint,
-            cell: ArcSwapOption::empty(),
+            cell: TokenCell::default(),
             state: Mutex::new(State {
                 refresh_token: seed,
                 ..State::default()
@@ -224,8 +223,8 @@ impl Provider {
         });
         if let Grant::Static { token } = &provider.cfg.grant {
             let value = token.load()?;
-            let t = provider.make_token(value, None, None, 1)?;
-            provider.cell.store(Some(Arc::new(t)));
+            let t = Token::new(&provider.cfg.scheme, value, None, None, 1)?;
+            provider.cell.publish(&Arc::new(t), |_| true);
             provider.metrics.set_expiry(None);
         }
         Ok(provider)
@@ -239,6 +238,51 @@ impl Provider {
         }
         let this = self.clone();
         tokio::spawn(async move { this.run().await });
+    }
+
+    /// The current token, whatever its validity.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.cell.current()
+    }
+
+    /// Whether the provider holds a valid token (readiness).
+    pub fn is_ready(&self) -> bool {
+        self.cell
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.is_valid(Instant::now()))
+    }
+
+    /// The current token if its generation is above `above` (any, when `None`) and
+    /// it is valid beyond the refresh margin.
+    fn newer_than(&self, above: Option<u64>) -> Option<Arc<Token>> {
+        let now = Instant::now();
+        self.cell
+            .newer_than(above, |t| match (t.expires_in(now), t.lifetime) {
+                (Some(rem), Some(life)) => rem > self.margin(life),
+                (Some(rem), None) => !rem.is_zero(),
+                (None, _) => true,
+            })
+    }
+
+    /// Publishes `token` when `replaces` accepts the token held then. Also under
+    /// the state lock: a 401 that checked the cell under it and found nothing newer
+    /// starts a refresh knowing no adoption landed in between.
+    fn publish(&self, token: &Arc<Token>, replaces: impl FnMut(Option<&Token>) -> bool) -> bool {
+        let _st = self.state();
+        self.cell.publish(token, replaces)
+    }
+
+    /// Publishes a token from the IdP; the one held then if that is newer (another
+    /// replica's, adopted meanwhile: the fleet's token wins).
+    fn publish_fetched(&self, token: Arc<Token>) -> Arc<Token> {
+        let generation = token.generation;
+        if self.publish(&token, |held| {
+            held.is_none_or(|h| h.generation <= generation)
+        }) {
+            return token;
+        }
+        self.current().unwrap_or(token)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -624,8 +668,14 @@ impl Provider {
             g
         };
         let token = Arc::new(
-            self.make_token(resp.access_token, resp.expires_in, resp.scope, generation)
-                .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
+            Token::new(
+                &self.cfg.scheme,
+                resp.access_token,
+                resp.expires_in,
+                resp.scope,
+                generation,
+            )
+            .map_err(|e| TokenError::InvalidResponse(e.to_string()))?,
         );
         let stored = self.stored_record(&token, None);
         if is_refresh {
@@ -707,7 +757,7 @@ impl Provider {
         if let Some(at) = st.retry_at {
             return Some(at);
         }
-        let token = self.cell.load_full();
+        let token = self.cell.current();
         match token.as_deref() {
             None => Some(Instant::now()),
             Some(Token {

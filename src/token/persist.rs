@@ -199,14 +199,14 @@ impl Provider {
                 }
             }
         }
-        let token = self
-            .make_token(
-                stored.access_token.clone(),
-                remaining,
-                stored.scope.clone(),
-                stored.generation,
-            )
-            .ok()?;
+        let token = Token::new(
+            &self.cfg.scheme,
+            stored.access_token.clone(),
+            remaining,
+            stored.scope.clone(),
+            stored.generation,
+        )
+        .ok()?;
         let token = Arc::new(Token { lifetime, ..token });
         if !self.publish(&token, supersedes) {
             return None;

@@ -142,15 +142,15 @@ mod tests {
     async fn states_in_the_order_a_person_needs_them() {
         let p = provider();
         assert_eq!(p.view().state, ProviderState::Expired, "no token yet");
-        let mut t = p
-            .make_token(
-                crate::secret::Secret::new("t"),
-                Some(Duration::from_secs(600)),
-                None,
-                1,
-            )
-            .unwrap();
-        p.cell.store(Some(Arc::new(t_clone(&t))));
+        let mut t = Token::new(
+            &p.cfg.scheme,
+            crate::secret::Secret::new("t"),
+            Some(Duration::from_secs(600)),
+            None,
+            1,
+        )
+        .unwrap();
+        p.cell.publish(&Arc::new(t_clone(&t)), |_| true);
         assert_eq!(p.view().state, ProviderState::Ready);
         let next = p.view().next_refresh_in.unwrap();
         // Refreshed a minute (the default margin) before expiry.
@@ -159,7 +159,7 @@ mod tests {
             "{next:?}"
         );
         t.expires_at = Instant::now().checked_sub(Duration::from_secs(1));
-        p.cell.store(Some(Arc::new(t)));
+        p.cell.publish(&Arc::new(t), |_| true);
         assert_eq!(p.view().state, ProviderState::Expired);
         p.state().failures = 1;
         assert_eq!(p.view().state, ProviderState::Failing);
