@@ -25,8 +25,12 @@ use crate::token::{Provider, ProviderDeps, StoreHandle, TokenEvents};
 /// names the config file and the key, like a config error.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{file}: outbound: {reason}")]
-    Outbound { file: String, reason: String },
+    #[error("{file}: {source}")]
+    Outbound {
+        file: String,
+        #[source]
+        source: crate::outbound::egress::EgressConfigError,
+    },
     #[error("{file}: providers.{name}: {source}")]
     Provider {
         file: String,
@@ -212,9 +216,9 @@ fn build_snapshot(
 ) -> Result<Snapshot, BuildError> {
     let file = || config.path.display().to_string();
     let proxy = EgressProxy::from_config(&config.outbound)
-        .map_err(|reason| BuildError::Outbound {
+        .map_err(|source| BuildError::Outbound {
             file: file(),
-            reason,
+            source,
         })?
         .counting_failures(metrics.proxy_auth_failures());
     // A provider is kept only if neither its settings nor the egress proxy its

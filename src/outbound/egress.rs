@@ -15,7 +15,7 @@ mod spnego;
 mod sspi;
 mod tunnel;
 
-pub use auth::unanswered;
+pub use auth::{unanswered, EgressConfigError};
 pub use scheme::{ProxyAuthError, Scheme};
 pub use tunnel::TunnelError;
 
@@ -58,7 +58,7 @@ impl EgressProxy {
     /// `[outbound] proxy` when set, else `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` /
     /// `NO_PROXY` (curl's rules), else on Windows the machine's WinHTTP proxy with
     /// its bypass list. Loads the password secret now.
-    pub fn from_config(o: &Outbound) -> Result<Self, String> {
+    pub fn from_config(o: &Outbound) -> Result<Self, EgressConfigError> {
         let matcher = match (&o.proxy, env_proxy(), winhttp_proxy()) {
             (Some(uri), _, _) => Matcher::builder()
                 .all(uri.to_string())
@@ -77,10 +77,7 @@ impl EgressProxy {
             (None, _, _) => Matcher::from_env(),
         };
         let password = match &o.proxy_password {
-            Some(src) => Some(
-                src.load()
-                    .map_err(|e| format!("outbound.proxy_password: {e}"))?,
-            ),
+            Some(src) => Some(src.load().map_err(EgressConfigError::Password)?),
             None => None,
         };
         let auth = auth::ProxyAuth::new(o.proxy_auth, o.proxy_username.as_deref(), password)?;

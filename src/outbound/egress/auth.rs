@@ -43,12 +43,21 @@ impl Default for ProxyAuth {
     }
 }
 
+/// Why `[outbound]`'s proxy credentials cannot be used (start-up or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum EgressConfigError {
+    #[error("outbound.proxy_password: {0}")]
+    Password(#[source] crate::secret::SecretError),
+    #[error("outbound.proxy_username: not a valid header value")]
+    Username,
+}
+
 impl ProxyAuth {
     pub(super) fn new(
         mode: ProxyAuthMode,
         username: Option<&str>,
         password: Option<Secret>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EgressConfigError> {
         let Some(user) = username else {
             return Ok(Self {
                 mode,
@@ -148,11 +157,11 @@ impl ProxyAuth {
     }
 }
 
-fn basic_header(user: &str, password: &Secret) -> Result<HeaderValue, String> {
+fn basic_header(user: &str, password: &Secret) -> Result<HeaderValue, EgressConfigError> {
     let raw = zeroize::Zeroizing::new(format!("{user}:{}", password.expose()));
     let encoded = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*raw));
     let mut v = HeaderValue::from_str(&format!("Basic {}", &*encoded))
-        .map_err(|_| "outbound.proxy_username: not a valid header value".to_owned())?;
+        .map_err(|_| EgressConfigError::Username)?;
     v.set_sensitive(true);
     Ok(v)
 }
