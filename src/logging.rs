@@ -49,8 +49,8 @@ where
 
 /// Opens the daily-rotated file (its folder created if missing; rotated files,
 /// oldest first, pruned to `keep`) and returns its writer.
-fn rolling(file: LogFile<'_>) -> Result<RollingFileAppender, String> {
-    let shown = file.path.display();
+fn rolling(file: LogFile<'_>) -> Result<RollingFileAppender, LogError> {
+    let shown = || file.path.display().to_string();
     let dir = match file.path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -59,8 +59,11 @@ fn rolling(file: LogFile<'_>) -> Result<RollingFileAppender, String> {
         .path
         .file_stem()
         .and_then(|s| s.to_str())
-        .ok_or_else(|| format!("{shown}: not a file name"))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        .ok_or_else(|| LogError::NotAFileName(shown()))?;
+    std::fs::create_dir_all(dir).map_err(|source| LogError::Folder {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let mut builder = RollingFileAppender::builder()
         .rotation(Rotation::DAILY)
         .filename_prefix(stem)
@@ -68,12 +71,36 @@ fn rolling(file: LogFile<'_>) -> Result<RollingFileAppender, String> {
     if let Some(ext) = file.path.extension().and_then(|e| e.to_str()) {
         builder = builder.filename_suffix(ext);
     }
-    builder.build(dir).map_err(|e| format!("{shown}: {e}"))
+    builder.build(dir).map_err(|source| LogError::Open {
+        path: shown(),
+        source,
+    })
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{0}: not a file name")]
+    NotAFileName(String),
+    #[error("{path}: {source}")]
+    Folder {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: tracing_appender::rolling::InitError,
+    },
+    #[error("{0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
 /// Installs the global subscriber: to stderr when `stderr`, and to `file` when
 /// given. Fails when the file cannot be opened (nothing is installed then).
-pub fn init(format: Format, stderr: bool, file: Option<LogFile<'_>>) -> Result<LogGuard, String> {
+pub fn init(format: Format, stderr: bool, file: Option<LogFile<'_>>) -> Result<LogGuard, LogError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let mut layers: Vec<BoxedLayer> = Vec::new();
     if stderr {
@@ -88,7 +115,6 @@ pub fn init(format: Format, stderr: bool, file: Option<LogFile<'_>>) -> Result<L
     tracing_subscriber::registry()
         .with(layers)
         .with(filter)
-        .try_init()
-        .map_err(|e| e.to_string())?;
+        .try_init()?;
     Ok(LogGuard { _writer: guard })
 }
