@@ -154,13 +154,23 @@ pub(crate) fn unregister_event_source(source: &str) {
 
 windows_service::define_windows_service!(ffi_service_main, service_main);
 
+/// What the service runs, set by the service module before it starts the
+/// dispatcher (so this module, below it, never imports it back).
+static SERVICE_BODY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
 /// Called by the service manager on its own thread once the dispatcher started.
 fn service_main(_arguments: Vec<std::ffi::OsString>) {
-    crate::service::windows::service_main();
+    if let Some(body) = SERVICE_BODY.get() {
+        body();
+    }
 }
 
-/// The entry point handed to `service_dispatcher::start`.
-pub(crate) const SERVICE_MAIN: extern "system" fn(u32, *mut *mut u16) = ffi_service_main;
+/// The entry point handed to `service_dispatcher::start`, which calls `body` on the
+/// service manager's thread.
+pub(crate) fn service_entry(body: fn()) -> extern "system" fn(u32, *mut *mut u16) {
+    let _ = SERVICE_BODY.set(body);
+    ffi_service_main
+}
 
 /// A blob pointing into `data` (read only by the API despite its `*mut`).
 fn blob(data: &[u8]) -> Result<CRYPT_INTEGER_BLOB, std::io::Error> {

@@ -316,7 +316,7 @@ pub fn run(name: String, config_path: PathBuf) -> Result<(), String> {
         name: name.clone(),
         config_path,
     });
-    service_dispatcher::start(&name, ffi::SERVICE_MAIN).map_err(|e| {
+    service_dispatcher::start(&name, ffi::service_entry(service_main)).map_err(|e| {
         let mut msg = failed("cannot connect to the service manager", e);
         msg.push_str(
             "; `service run` is started by the service manager (`authgate service start`); from a console use `authgate run`",

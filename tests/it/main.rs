@@ -11,6 +11,7 @@ mod connections;
 mod console;
 mod fleet;
 mod forward;
+mod house;
 mod limits;
 mod listener_tls;
 mod ops;
