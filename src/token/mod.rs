@@ -413,10 +413,16 @@ impl Provider {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match wait_outcome(rx, left).await {
-                Ok(t) if newer(&t).is_some() => return newer(&t),
+                Ok(t) => {
+                    if let Some(c) = newer(&t) {
+                        return Some(c);
+                    }
+                }
                 Err(TokenError::Abandoned) => return None,
-                _ if covers => return None,
-                _ => {}
+                Err(_) => {}
+            }
+            if covers {
+                return None;
             }
         }
     }

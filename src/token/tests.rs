@@ -22,7 +22,7 @@ use crate::store::memory::MemoryStore;
 /// Answers token requests after `delay` with `tok-<n>` of `lifetime`, or with the
 /// next queued error.
 #[derive(Debug)]
-struct FakeSource {
+pub(super) struct FakeSource {
     requests: AtomicU64,
     delay: Duration,
     lifetime: Option<Duration>,
@@ -30,7 +30,7 @@ struct FakeSource {
 }
 
 impl FakeSource {
-    fn new(delay: Duration, lifetime: Option<Duration>) -> Arc<Self> {
+    pub(super) fn new(delay: Duration, lifetime: Option<Duration>) -> Arc<Self> {
         Arc::new(FakeSource {
             requests: AtomicU64::new(0),
             delay,
@@ -69,13 +69,20 @@ impl TokenSource for FakeSource {
 
 /// A started client-credentials provider over `source`; `extra` adds provider keys.
 fn provider(source: &Arc<FakeSource>, extra: &str) -> Arc<Provider> {
+    let p = unstarted_provider(source, extra);
+    p.start();
+    p
+}
+
+/// The same provider before its refresher starts: no token until a test puts one.
+pub(super) fn unstarted_provider(source: &Arc<FakeSource>, extra: &str) -> Arc<Provider> {
     let text = format!(
         "[listen]\naddr = \"127.0.0.1:0\"\n[providers.p]\ngrant = \"client_credentials\"\n\
          token_url = \"http://127.0.0.1:1/token\"\nclient_id = \"c\"\nclient_auth = \"none\"\n{extra}\n"
     );
     let config = Config::parse(std::path::Path::new("proxy.toml"), &text).unwrap();
     let metrics = Metrics::new();
-    let p = Provider::with_source(
+    Provider::with_source(
         config.providers["p"].clone(),
         ProviderDeps {
             store: StoreHandle::new(Arc::new(MemoryStore::new()), metrics.clone()),
@@ -87,9 +94,7 @@ fn provider(source: &Arc<FakeSource>, extra: &str) -> Arc<Provider> {
         },
         Some(source.clone() as Arc<dyn TokenSource>),
     )
-    .unwrap();
-    p.start();
-    p
+    .unwrap()
 }
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -111,46 +111,24 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::config::Config;
-    use crate::metrics::Metrics;
-    use crate::store::memory::MemoryStore;
-    use crate::token::{ProviderDeps, StoreHandle, Token, TokenEvents};
+    use crate::secret::Secret;
+    use crate::token::tests::{unstarted_provider, FakeSource};
+    use crate::token::Token;
 
     fn provider() -> Arc<Provider> {
-        let config = Config::parse(
-            std::path::Path::new("proxy.toml"),
-            "[listen]\naddr = \"127.0.0.1:0\"\n[providers.p]\ngrant = \"client_credentials\"\n\
-             token_url = \"http://127.0.0.1:1/token\"\nclient_id = \"c\"\nclient_auth = \"none\"\n",
-        )
-        .unwrap();
-        let metrics = Metrics::new();
-        Provider::new(
-            config.providers["p"].clone(),
-            ProviderDeps {
-                store: StoreHandle::new(Arc::new(MemoryStore::new()), metrics.clone()),
-                metrics: metrics.provider("p"),
-                audit: None,
-                shutdown: tokio_util::sync::CancellationToken::new(),
-                proxy: crate::outbound::egress::EgressProxy::direct(),
-                events: TokenEvents::new(),
-            },
-        )
-        .unwrap()
+        unstarted_provider(&FakeSource::new(Duration::ZERO, None), "")
+    }
+
+    fn token(p: &Provider) -> Token {
+        let life = Some(Duration::from_secs(600));
+        Token::new(&p.cfg.scheme, Secret::new("t"), life, None, 1).unwrap()
     }
 
     #[tokio::test]
     async fn states_in_the_order_a_person_needs_them() {
         let p = provider();
         assert_eq!(p.view().state, ProviderState::Expired, "no token yet");
-        let mut t = Token::new(
-            &p.cfg.scheme,
-            crate::secret::Secret::new("t"),
-            Some(Duration::from_secs(600)),
-            None,
-            1,
-        )
-        .unwrap();
-        p.cell.publish(&Arc::new(t_clone(&t)), |_| true);
+        p.cell.publish(&Arc::new(token(&p)), |_| true);
         assert_eq!(p.view().state, ProviderState::Ready);
         let next = p.view().next_refresh_in.unwrap();
         // Refreshed a minute (the default margin) before expiry.
@@ -158,25 +136,14 @@ mod tests {
             next <= Duration::from_secs(540) && next > Duration::from_secs(530),
             "{next:?}"
         );
-        t.expires_at = Instant::now().checked_sub(Duration::from_secs(1));
-        p.cell.publish(&Arc::new(t), |_| true);
+        let mut expired = token(&p);
+        expired.expires_at = Instant::now().checked_sub(Duration::from_secs(1));
+        p.cell.publish(&Arc::new(expired), |_| true);
         assert_eq!(p.view().state, ProviderState::Expired);
         p.state().failures = 1;
         assert_eq!(p.view().state, ProviderState::Failing);
         p.state().reauth_required = true;
         assert_eq!(p.view().state, ProviderState::ReauthorizationRequired);
         assert!(p.view().state.needs_attention());
-    }
-
-    fn t_clone(t: &Token) -> Token {
-        Token {
-            generation: t.generation,
-            header_value: t.header_value.clone(),
-            access_token: t.access_token.clone(),
-            scope: t.scope.clone(),
-            expires_at: t.expires_at,
-            lifetime: t.lifetime,
-            obtained_at: t.obtained_at,
-        }
     }
 }
