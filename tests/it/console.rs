@@ -705,13 +705,12 @@ async fn authorize_settings_are_checked_like_the_rest_of_the_config() {
 
 #[tokio::test]
 async fn replicas_adopt_a_reauthorization_through_the_store() {
-    let Ok(url) = std::env::var("AUTHGATE_TEST_DATABASE_URL") else {
-        println!("skipped: AUTHGATE_TEST_DATABASE_URL not set");
+    let Some(db) = crate::support::db::Db::new().await else {
         return;
     };
-    std::env::set_var("CONSOLE_DATABASE_URL", &url);
+    std::env::set_var("CONSOLE_DATABASE_URL", &db.url);
     let logs = crate::support::captured_logs();
-    let prefix = format!("t_{:016x}", rand::random::<u64>());
+    let prefix = &db.prefix;
     let idp = MockIdp::start_with(true).await;
     let up = MockUpstream::with_idp(&idp).await;
     let toml = config(&idp, &up, OPEN_ADMIN).replace(
@@ -762,17 +761,8 @@ async fn replicas_adopt_a_reauthorization_through_the_store() {
     for secret in never {
         assert!(!logged.contains(&secret), "{secret:?} was logged");
     }
+    // The replicas go before the database slice drops their tables.
     drop((a, b));
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS \"{prefix}_tokens\", \"{prefix}_schema\""
-        ))
-        .await
-        .unwrap();
 }
 
 #[tokio::test]

@@ -17,30 +17,9 @@ use authgate::token::Trigger;
 use crate::support::until;
 use crate::support::{Client, MockIdp, MockUpstream, TestGateway};
 
-const DB_ENV: &str = "AUTHGATE_TEST_DATABASE_URL";
-
-/// One test's slice of the database: a random table prefix, and an admin
-/// connection to inspect and cut sessions.
-struct Db {
-    url: String,
-    prefix: String,
-    admin: tokio_postgres::Client,
-}
+use crate::support::db::{Db, DB_ENV};
 
 impl Db {
-    async fn new() -> Option<Self> {
-        let Ok(url) = std::env::var(DB_ENV) else {
-            println!("skipped: {DB_ENV} not set");
-            return None;
-        };
-        let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("test database unreachable");
-        tokio::spawn(connection);
-        let prefix = format!("t_{:016x}", rand::random::<u64>());
-        Some(Self { url, prefix, admin })
-    }
-
     /// A gateway config for this test. `url_env` names the variable holding the
     /// database URL (each replica may get its own, to tell its sessions apart).
     fn config(&self, idp: &MockIdp, up: &MockUpstream, url_env: &str) -> String {
@@ -150,35 +129,6 @@ poll_interval = "500ms"
             .await
             .unwrap()
             .len()
-    }
-}
-
-/// Drops the test's tables even when it failed half-way: on a thread with its own
-/// runtime, since `Drop` cannot await (and the test's runtime may be unwinding).
-impl Drop for Db {
-    fn drop(&mut self) {
-        let (url, p) = (self.url.clone(), self.prefix.clone());
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!(
-                        "DROP TABLE IF EXISTS \"{p}_tokens\", \"{p}_schema\""
-                    ))
-                    .await
-                    .unwrap();
-            });
-        });
-        if cleanup.join().is_err() {
-            eprintln!("could not drop the test tables of prefix {}", self.prefix);
-        }
     }
 }
 

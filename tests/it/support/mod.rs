@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod db;
 pub mod gateway;
 pub mod idp;
 pub mod pki;
