@@ -33,8 +33,9 @@ pub enum ReloadError {
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("{0}")]
-    Invalid(String),
+    /// The listener's TLS certificate or key.
+    #[error("listen: {0}")]
+    ListenTls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Build(#[from] BuildError),
     #[error("{0}")]
@@ -56,7 +57,7 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Config(_)
-            | StartError::Invalid(_)
+            | StartError::ListenTls(_)
             | StartError::Build(_)
             | StartError::AdminKey(_)
             | StartError::Store(StoreError::Config(_) | StoreError::Crypto(_))
@@ -121,8 +122,7 @@ impl App {
             }
             None => None,
         };
-        let opts = ServerOpts::from_listen(&config.listen)
-            .map_err(|e| StartError::Invalid(format!("listen: {e}")))?;
+        let opts = ServerOpts::from_listen(&config.listen)?;
         let console = match &config.admin {
             Some(a) => Some(crate::admin::Console::new(a)?),
             None => None,

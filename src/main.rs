@@ -316,7 +316,7 @@ fn service(action: ServiceAction, config: Option<PathBuf>, format: LogFormat) ->
     }
     let _log = init_logging(format);
 
-    let done = |r: Result<String, String>| match r {
+    let done = |r: Result<String, svc::ServiceError>| match r {
         Ok(msg) => {
             println!("{msg}");
             ExitCode::SUCCESS

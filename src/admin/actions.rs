@@ -9,7 +9,8 @@ use http::header::{
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
 use super::guard::{guard, Asker, Refusal};
-use super::{json, Console};
+use super::reply::json;
+use super::state::Console;
 use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::server::ConnInfo;

@@ -11,7 +11,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
-use super::Console;
+use super::state::Console;
 use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::metrics::Quantile;

@@ -16,38 +16,14 @@ use crate::server::ConnInfo;
 mod actions;
 mod console;
 mod guard;
+mod pending;
 mod reauth;
+mod reply;
+mod state;
 
-/// What the admin listener keeps besides the gateway: the actions' key, when it
-/// started, and the reauthorizations under way.
-#[derive(Debug)]
-pub struct Console {
-    key: Option<crate::secret::Secret>,
-    started: std::time::SystemTime,
-    started_mono: std::time::Instant,
-    pending: reauth::Pending,
-}
+pub use state::{AdminKeyError, Console};
 
-/// `[admin] key_env`/`key_file` could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[error("admin.key: {0}")]
-pub struct AdminKeyError(#[source] crate::secret::SecretError);
-
-impl Console {
-    /// Loads `[admin] key_env`/`key_file` now: a missing key stops the start-up.
-    pub fn new(admin: &crate::config::Admin) -> Result<Arc<Self>, AdminKeyError> {
-        let key = match &admin.key {
-            Some(src) => Some(src.load().map_err(AdminKeyError)?),
-            None => None,
-        };
-        Ok(Arc::new(Self {
-            key,
-            started: std::time::SystemTime::now(),
-            started_mono: std::time::Instant::now(),
-            pending: reauth::Pending::default(),
-        }))
-    }
-}
+use reply::json;
 
 pub async fn serve<B>(
     gw: &Arc<Gateway>,
@@ -204,12 +180,4 @@ fn status(gw: &Gateway) -> Response<GatewayBody> {
             "egress": {"proxy": proxy, "source": proxy_source},
         }),
     )
-}
-
-fn json(status: StatusCode, body: serde_json::Value) -> Response<GatewayBody> {
-    let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }

@@ -4,62 +4,24 @@
 //! hands the code to the provider. The state lives here, in memory, for ten
 //! minutes; the verifier never leaves this process except to the token endpoint.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use http::header::{CACHE_CONTROL, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 
+use super::actions;
 use super::console::{esc, html_page};
-use super::{actions, json, Console};
+use super::pending::Started;
+use super::reply::json;
+use super::state::Console;
 use crate::body::GatewayBody;
 use crate::gateway::Gateway;
 use crate::secret::Secret;
 use crate::server::ConnInfo;
 
-/// How long an authorization may take in the browser.
-const STATE_LIFETIME: Duration = Duration::from_secs(600);
-/// Authorizations under way at once; the oldest goes first beyond this.
-const MAX_PENDING: usize = 64;
 const DEFAULT_CALLBACK_PATH: &str = "/oauth/callback";
-
-/// One authorization under way, found by its `state`.
-#[derive(Debug)]
-struct Started {
-    provider: String,
-    verifier: Secret,
-    redirect_uri: String,
-    at: Instant,
-}
-
-/// The authorizations under way, by `state`. Touched twice per authorization.
-#[derive(Debug, Default)]
-pub(super) struct Pending(Mutex<HashMap<String, Started>>);
-
-impl Pending {
-    fn insert(&self, state: String, started: Started) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, s| s.at.elapsed() < STATE_LIFETIME);
-        while map.len() >= MAX_PENDING {
-            let oldest = map.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => map.remove(&k),
-                None => break,
-            };
-        }
-        map.insert(state, started);
-    }
-
-    /// Takes the authorization out (a state is good once), if still valid.
-    fn take(&self, state: &str) -> Option<Started> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(state)
-            .filter(|s| s.at.elapsed() < STATE_LIFETIME)
-    }
-}
 
 /// 32 random bytes, base64url: a `state` or a PKCE verifier (43 characters of
 /// RFC 7636's unreserved set).
@@ -282,26 +244,6 @@ mod tests {
             pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
-    }
-
-    #[test]
-    fn a_state_is_good_once_and_for_ten_minutes() {
-        let pending = Pending::default();
-        let started = |at| Started {
-            provider: "p".into(),
-            verifier: Secret::new("v"),
-            redirect_uri: "http://127.0.0.1/oauth/callback".into(),
-            at,
-        };
-        pending.insert("s1".into(), started(Instant::now()));
-        assert!(pending.take("s1").is_some());
-        assert!(pending.take("s1").is_none());
-        assert!(pending.take("unknown").is_none());
-        if let Some(long_ago) = Instant::now().checked_sub(STATE_LIFETIME + Duration::from_secs(1))
-        {
-            pending.insert("old".into(), started(long_ago));
-            assert!(pending.take("old").is_none());
-        }
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::chain::ChainKey;
-use super::writer::{Target, Writer};
-use super::{Clock, Line, Shared, TokenEvent};
+use super::record::{Line, TokenEvent};
+use super::rotation::Clock;
+use super::writer::{Shared, Target, Writer};
 use crate::config::Rotate;
 use crate::metrics::Metrics;
 

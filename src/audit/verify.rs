@@ -204,8 +204,9 @@ impl Verifier<'_> {
                 ));
             };
             let Some((prev_seq, prev_chain)) = self.prev else {
-                self.start(name, lineno, &p)
-                    .map_err(|d| fail(lineno, "altered", d))?;
+                if !self.start(name, lineno, &p) {
+                    return Err(fail(lineno, "altered", "chain of seq 1 does not match (the line was changed, or this is not the key the log was written with)".into()));
+                }
                 continue;
             };
             let expected = prev_seq + 1;
@@ -259,11 +260,11 @@ impl Verifier<'_> {
     }
 
     /// The first line: from the start of the chain, or where the oldest file
-    /// present begins.
-    fn start(&mut self, name: &str, lineno: usize, p: &Parsed<'_>) -> Result<(), String> {
+    /// present begins. False when it claims to be the start and its chain is not.
+    fn start(&mut self, name: &str, lineno: usize, p: &Parsed<'_>) -> bool {
         if p.seq == 1 {
             if !p.follows(self.key, &GENESIS) {
-                return Err("chain of seq 1 does not match (the line was changed, or this is not the key the log was written with)".into());
+                return false;
             }
         } else {
             self.notes.push(format!(
@@ -273,7 +274,7 @@ impl Verifier<'_> {
         }
         self.first_seq = Some(p.seq);
         self.accept(name, lineno, p);
-        Ok(())
+        true
     }
 
     fn accept(&mut self, name: &str, lineno: usize, p: &Parsed<'_>) {

@@ -6,17 +6,25 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
 use super::chain::{self, ChainKey, ChainState};
+use super::record::Line;
 use super::rotation::{self, Clock};
-use super::{Line, Shared};
 use crate::config::Rotate;
 use crate::metrics::Metrics;
+
+/// What the request path and the writer share: counters and flags, no lock.
+#[derive(Debug, Default)]
+pub(super) struct Shared {
+    /// Lines refused because the queue was full.
+    pub(super) dropped: AtomicU64,
+    pub(super) reopen: AtomicBool,
+}
 
 /// A batch written in one system call stops growing here.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -429,7 +437,7 @@ impl Writer {
 
 #[derive(serde::Serialize)]
 struct Gap {
-    #[serde(serialize_with = "super::rfc3339")]
+    #[serde(serialize_with = "super::record::rfc3339")]
     ts: SystemTime,
     event: &'static str,
     queue_full: u64,

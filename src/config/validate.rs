@@ -11,8 +11,9 @@ use indexmap::IndexMap;
 use toml::de::DeTable;
 
 use super::locate::{line_col, offset_of, KeyPath};
+use super::model::*;
 use super::raw::*;
-use super::*;
+use crate::secret::SecretSource;
 
 type Check<T> = Result<T, (KeyPath, String)>;
 
@@ -133,7 +134,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
         Some(a) => {
             let at = root.key("admin");
             Some(Admin {
-                addr: socket_addr(&a.addr).map_err(|m| (at.key("addr"), m))?,
+                addr: socket_addr(&a.addr).map_err(|e| (at.key("addr"), e.to_string()))?,
                 key: secret_pair(&at, "key", a.key_env, a.key_file, &resolve)?,
             })
         }
@@ -246,18 +247,24 @@ fn build(raw: RawConfig, path: &Path, dir: &Path) -> Check<Config> {
     })
 }
 
-fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+/// A listen address that is neither an IP address with a port nor a name that
+/// resolves to one.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid address {0:?}; use host:port, e.g. \"127.0.0.1:8080\"")]
+struct BadAddress(String);
+
+fn socket_addr(s: &str) -> Result<SocketAddr, BadAddress> {
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
     s.to_socket_addrs()
         .ok()
         .and_then(|mut it| it.next())
-        .ok_or_else(|| format!("invalid address {s:?}; use host:port, e.g. \"127.0.0.1:8080\""))
+        .ok_or_else(|| BadAddress(s.to_owned()))
 }
 
 fn listen(l: RawListen, at: &KeyPath, resolve: &dyn Fn(&str) -> PathBuf) -> Check<Listen> {
-    let addr = socket_addr(&l.addr).map_err(|m| (at.key("addr"), m))?;
+    let addr = socket_addr(&l.addr).map_err(|e| (at.key("addr"), e.to_string()))?;
     let tls = match (l.tls_cert, l.tls_key) {
         (Some(c), Some(k)) => Some(ListenTls {
             cert: resolve(&c),

@@ -37,15 +37,38 @@ pub struct Install {
     pub start: StartMode,
 }
 
-/// A service manager error with what was being done and the system's reason.
-fn failed(what: &str, e: windows_service::Error) -> String {
-    let mut msg = format!("{what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    if let windows_service::Error::Winapi(io) = &e {
+/// Why a `service` command failed. Shown to the operator as one line: what was
+/// being done, the system's reason with its causes, and a hint for the two reasons
+/// an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{what}: {}", describe_manager_error(.reason))]
+    Manager {
+        what: String,
+        reason: windows_service::Error,
+    },
+    #[error("cannot locate authgate.exe: {0}")]
+    Exe(std::io::Error),
+    #[error("service {name:?} stopped while starting ({exit}); see the Event Log (Application, source {name:?})")]
+    StoppedWhileStarting { name: String, exit: String },
+    #[error("the service is still {state:?} after {} s", .within.as_secs())]
+    StillPending {
+        state: ServiceState,
+        within: Duration,
+    },
+    #[error("cannot connect to the service manager: {}; `service run` is started by the service manager (`authgate service start`); from a console use `authgate run`", describe_manager_error(.0))]
+    NotStartedByManager(windows_service::Error),
+}
+
+fn failed(what: impl Into<String>) -> impl FnOnce(windows_service::Error) -> ServiceError {
+    let what = what.into();
+    move |reason| ServiceError::Manager { what, reason }
+}
+
+/// The system's reason with its causes, and a hint where the operator can act.
+fn describe_manager_error(e: &windows_service::Error) -> String {
+    let mut msg = crate::cause::chain(e);
+    if let windows_service::Error::Winapi(io) = e {
         // ERROR_ACCESS_DENIED
         if io.raw_os_error() == Some(5) {
             msg.push_str(
@@ -60,17 +83,17 @@ fn failed(what: &str, e: windows_service::Error) -> String {
     msg
 }
 
-fn manager(access: ServiceManagerAccess) -> Result<ServiceManager, String> {
+fn manager(access: ServiceManagerAccess) -> Result<ServiceManager, ServiceError> {
     ServiceManager::local_computer(None::<&str>, access)
-        .map_err(|e| failed("cannot open the service manager", e))
+        .map_err(failed("cannot open the service manager"))
 }
 
 /// Registers the service: `service run` with the config's absolute path, the
 /// account, the start mode, restart on failure after 5 s, 30 s and 60 s, and an
 /// Event Log source named like the service.
-pub fn install(opts: &Install) -> Result<(), String> {
+pub fn install(opts: &Install) -> Result<(), ServiceError> {
     let scm = manager(ServiceManagerAccess::CONNECT | ServiceManagerAccess::CREATE_SERVICE)?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot locate authgate.exe: {e}"))?;
+    let exe = std::env::current_exe().map_err(ServiceError::Exe)?;
     let info = ServiceInfo {
         name: OsString::from(&opts.name),
         display_name: OsString::from(format!("authgate ({})", opts.name)),
@@ -98,12 +121,12 @@ pub fn install(opts: &Install) -> Result<(), String> {
             &info,
             ServiceAccess::CHANGE_CONFIG | ServiceAccess::QUERY_CONFIG,
         )
-        .map_err(|e| failed(&format!("cannot create service {:?}", opts.name), e))?;
+        .map_err(failed(format!("cannot create service {:?}", opts.name)))?;
     service
         .set_description(
             "Outbound authenticating gateway: injects OAuth tokens into requests to third-party APIs",
         )
-        .map_err(|e| failed("cannot set the description", e))?;
+        .map_err(failed("cannot set the description"))?;
     if opts.start == StartMode::Delayed {
         optional(
             service.set_delayed_auto_start(true),
@@ -129,7 +152,7 @@ pub fn install(opts: &Install) -> Result<(), String> {
             command: None,
             actions: Some(vec![restart(5), restart(30), restart(60)]),
         })
-        .map_err(|e| failed("cannot set the restart-on-failure actions", e))?;
+        .map_err(failed("cannot set the restart-on-failure actions"))?;
     // A stop with a service-specific exit code (a bad config, a port in use) is a
     // failure too, not only a crash.
     optional(
@@ -148,37 +171,35 @@ pub fn install(opts: &Install) -> Result<(), String> {
 /// A setting Windows has had since Vista but Wine's service manager refuses with
 /// ERROR_INVALID_LEVEL: warned about, not fatal, so the rest of the service can
 /// still be installed (and tested) there. Any other error is.
-fn optional(r: windows_service::Result<()>, what: &str) -> Result<(), String> {
+fn optional(r: windows_service::Result<()>, what: &str) -> Result<(), ServiceError> {
     match r {
         Err(windows_service::Error::Winapi(e)) if e.raw_os_error() == Some(124) => {
             eprintln!("warning: {what}: this service manager does not support the setting ({e})");
             Ok(())
         }
-        r => r.map_err(|e| failed(what, e)),
+        r => r.map_err(failed(what)),
     }
 }
 
 /// Stops the service if it runs, then removes it and its Event Log source.
-pub fn uninstall(name: &str) -> Result<(), String> {
+pub fn uninstall(name: &str) -> Result<(), ServiceError> {
     let scm = manager(ServiceManagerAccess::CONNECT)?;
     let service = scm
         .open_service(
             name,
             ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
         )
-        .map_err(|e| failed(&format!("cannot open service {name:?}"), e))?;
+        .map_err(failed(format!("cannot open service {name:?}")))?;
     let status = service
         .query_status()
-        .map_err(|e| failed("cannot query the service", e))?;
+        .map_err(failed("cannot query the service"))?;
     if status.current_state != ServiceState::Stopped {
-        service
-            .stop()
-            .map_err(|e| failed("cannot stop the service", e))?;
+        service.stop().map_err(failed("cannot stop the service"))?;
         wait_for(&service, ServiceState::Stopped, STOP_WAIT)?;
     }
     service
         .delete()
-        .map_err(|e| failed("cannot delete the service", e))?;
+        .map_err(failed("cannot delete the service"))?;
     ffi::unregister_event_source(name);
     Ok(())
 }
@@ -189,45 +210,43 @@ const STOP_WAIT: Duration = Duration::from_secs(120);
 
 /// Starts the service and waits until it runs; a service that stops instead
 /// reports its exit code.
-pub fn start(name: &str) -> Result<ServiceStatus, String> {
+pub fn start(name: &str) -> Result<ServiceStatus, ServiceError> {
     let scm = manager(ServiceManagerAccess::CONNECT)?;
     let service = scm
         .open_service(name, ServiceAccess::QUERY_STATUS | ServiceAccess::START)
-        .map_err(|e| failed(&format!("cannot open service {name:?}"), e))?;
+        .map_err(failed(format!("cannot open service {name:?}")))?;
     service
         .start::<&OsStr>(&[])
-        .map_err(|e| failed("cannot start the service", e))?;
+        .map_err(failed("cannot start the service"))?;
     let status = wait_for(&service, ServiceState::Running, START_WAIT)?;
     if status.current_state != ServiceState::Running {
-        return Err(format!(
-            "service {name:?} stopped while starting ({}); see the Event Log (Application, source {name:?})",
-            describe_exit(&status.exit_code)
-        ));
+        return Err(ServiceError::StoppedWhileStarting {
+            name: name.to_owned(),
+            exit: describe_exit(&status.exit_code),
+        });
     }
     Ok(status)
 }
 
 /// Asks the service to stop (it drains like SIGTERM) and waits until it has.
-pub fn stop(name: &str) -> Result<ServiceStatus, String> {
+pub fn stop(name: &str) -> Result<ServiceStatus, ServiceError> {
     let scm = manager(ServiceManagerAccess::CONNECT)?;
     let service = scm
         .open_service(name, ServiceAccess::QUERY_STATUS | ServiceAccess::STOP)
-        .map_err(|e| failed(&format!("cannot open service {name:?}"), e))?;
-    service
-        .stop()
-        .map_err(|e| failed("cannot stop the service", e))?;
+        .map_err(failed(format!("cannot open service {name:?}")))?;
+    service.stop().map_err(failed("cannot stop the service"))?;
     wait_for(&service, ServiceState::Stopped, STOP_WAIT)
 }
 
 /// The service's state, process and last exit code, as one line.
-pub fn status(name: &str) -> Result<String, String> {
+pub fn status(name: &str) -> Result<String, ServiceError> {
     let scm = manager(ServiceManagerAccess::CONNECT)?;
     let service = scm
         .open_service(name, ServiceAccess::QUERY_STATUS)
-        .map_err(|e| failed(&format!("cannot open service {name:?}"), e))?;
+        .map_err(failed(format!("cannot open service {name:?}")))?;
     let s = service
         .query_status()
-        .map_err(|e| failed("cannot query the service", e))?;
+        .map_err(failed("cannot query the service"))?;
     Ok(describe(name, &s))
 }
 
@@ -270,21 +289,20 @@ fn wait_for(
     service: &windows_service::service::Service,
     want: ServiceState,
     within: Duration,
-) -> Result<ServiceStatus, String> {
+) -> Result<ServiceStatus, ServiceError> {
     let deadline = Instant::now() + within;
     loop {
         let s = service
             .query_status()
-            .map_err(|e| failed("cannot query the service", e))?;
+            .map_err(failed("cannot query the service"))?;
         if s.current_state == want || s.current_state == ServiceState::Stopped {
             return Ok(s);
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "the service is still {:?} after {} s",
-                s.current_state,
-                within.as_secs()
-            ));
+            return Err(ServiceError::StillPending {
+                state: s.current_state,
+                within,
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -311,18 +329,13 @@ static RUN: OnceLock<RunContext> = OnceLock::new();
 /// `authgate service run`: connects to the service manager, which then calls
 /// [`service_main`] on its own thread; returns when the service has stopped.
 /// Run from a console (not by the service manager), it fails with a hint.
-pub fn run(name: String, config_path: PathBuf) -> Result<(), String> {
+pub fn run(name: String, config_path: PathBuf) -> Result<(), ServiceError> {
     let _ = RUN.set(RunContext {
         name: name.clone(),
         config_path,
     });
-    service_dispatcher::start(&name, ffi::service_entry(service_main)).map_err(|e| {
-        let mut msg = failed("cannot connect to the service manager", e);
-        msg.push_str(
-            "; `service run` is started by the service manager (`authgate service start`); from a console use `authgate run`",
-        );
-        msg
-    })
+    service_dispatcher::start(&name, ffi::service_entry(service_main))
+        .map_err(ServiceError::NotStartedByManager)
 }
 
 /// Reports status to the service manager; the checkpoint grows with every pending
@@ -398,7 +411,7 @@ pub(crate) fn service_main() {
     let handle = match service_control_handler::register(&ctx.name, handler) {
         Ok(h) => h,
         Err(e) => {
-            let msg = failed("cannot register the service control handler", e);
+            let msg = failed("cannot register the service control handler")(e).to_string();
             tracing::error!("{msg}");
             ffi::report_event(&ctx.name, EventKind::Error, 1, &msg);
             return;

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::StoreError;
+use super::token_store::StoreError;
 use crate::secret::Secret;
 
 const PREFIX: &str = "v1:";

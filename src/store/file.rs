@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::Cipher;
 use super::record::TokenRecord;
-use super::{StoreError, StoreFuture, StoredToken, TokenStore};
+use super::token_store::{StoreError, StoreFuture, StoredToken, TokenStore};
 
 /// The document format this build reads and writes.
 const VERSION: u64 = 1;
@@ -223,7 +223,7 @@ fn read_document(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreErro
     match parse(&bytes) {
         Ok(providers) => Ok(providers),
         Err(reason) => {
-            set_aside(path, &reason);
+            set_aside(path, &reason.to_string());
             Ok(BTreeMap::new())
         }
     }
@@ -238,7 +238,7 @@ pub fn decode(
 ) -> Result<BTreeMap<String, StoredToken>, StoreError> {
     let records = parse(bytes).map_err(|reason| StoreError::Corrupt {
         path: "(document)".into(),
-        reason,
+        reason: reason.to_string(),
     })?;
     records
         .into_iter()
@@ -246,33 +246,51 @@ pub fn decode(
         .collect()
 }
 
-fn parse(bytes: &[u8]) -> Result<BTreeMap<String, TokenRecord>, String> {
-    let header: Header = serde_json::from_slice(bytes).map_err(|e| describe(&e))?;
-    match header.version.as_ref().map(|v| v.as_u64()) {
-        Some(Some(VERSION)) => {}
-        Some(Some(other)) => {
-            return Err(format!(
-                "unknown version {other} (this build reads {VERSION})"
-            ))
-        }
-        Some(None) => return Err("unknown version (not a number)".into()),
-        None => return Err("no \"version\" field".into()),
-    }
-    let doc: Document = serde_json::from_slice(bytes).map_err(|e| describe(&e))?;
-    Ok(doc.providers)
+/// Why a store file cannot be read back. Never quotes the file: serde_json's own
+/// messages can carry values from it, which may be tokens.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum Damaged {
+    #[error("{kind} at line {line} column {column}")]
+    Json {
+        kind: &'static str,
+        line: usize,
+        column: usize,
+    },
+    #[error("unknown version {0} (this build reads {VERSION})")]
+    UnknownVersion(u64),
+    #[error("unknown version (not a number)")]
+    VersionNotANumber,
+    #[error("no \"version\" field")]
+    NoVersion,
 }
 
-/// serde_json's own messages can quote values from the file, which may be tokens:
-/// keep only the kind of error and where it is.
-fn describe(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    let kind = match e.classify() {
-        Category::Io => "read error",
-        Category::Syntax => "invalid JSON",
-        Category::Data => "unexpected content",
-        Category::Eof => "truncated JSON",
-    };
-    format!("{kind} at line {} column {}", e.line(), e.column())
+impl From<serde_json::Error> for Damaged {
+    fn from(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let kind = match e.classify() {
+            Category::Io => "read error",
+            Category::Syntax => "invalid JSON",
+            Category::Data => "unexpected content",
+            Category::Eof => "truncated JSON",
+        };
+        Damaged::Json {
+            kind,
+            line: e.line(),
+            column: e.column(),
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<BTreeMap<String, TokenRecord>, Damaged> {
+    let header: Header = serde_json::from_slice(bytes)?;
+    match header.version.as_ref().map(|v| v.as_u64()) {
+        Some(Some(VERSION)) => {}
+        Some(Some(other)) => return Err(Damaged::UnknownVersion(other)),
+        Some(None) => return Err(Damaged::VersionNotANumber),
+        None => return Err(Damaged::NoVersion),
+    }
+    let doc: Document = serde_json::from_slice(bytes)?;
+    Ok(doc.providers)
 }
 
 fn set_aside(path: &Path, reason: &str) {
@@ -663,14 +681,16 @@ mod tests {
             br#"{"version": 1, "providers": {"crm": {"access_token": 5,
             "generation": "leaked-token-value"}}}"#,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(!reason.contains("leaked"), "{reason}");
         assert!(reason.contains("line"), "{reason}");
         assert!(parse(b"[]").is_err());
         assert!(parse(b"").is_err());
-        assert!(parse(br#"{"providers": {}}"#)
-            .unwrap_err()
-            .contains("version"));
+        assert_eq!(
+            parse(br#"{"providers": {}}"#).unwrap_err(),
+            Damaged::NoVersion
+        );
     }
 
     #[cfg(unix)]

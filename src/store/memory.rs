@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{StoreError, StoreFuture, StoredToken, TokenStore};
+use super::token_store::{StoreError, StoreFuture, StoredToken, TokenStore};
 
 #[derive(Default)]
 pub struct MemoryStore {

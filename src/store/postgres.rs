@@ -36,7 +36,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::crypto::Cipher;
-use super::{RefreshLease, StoreError, StoreFuture, StoredToken, TokenStore};
+use super::token_store::{RefreshLease, StoreError, StoreFuture, StoredToken, TokenStore};
 use crate::secret::Secret;
 
 /// A secret as a query parameter. tokio-postgres logs every parameter's `Debug`

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::crypto::Cipher;
-use super::{StoreError, StoredToken};
+use super::token_store::{StoreError, StoredToken};
 use crate::secret::Secret;
 
 /// Shown when a sealed record meets a gateway that has no key configured.
