@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::flight::{wait_outcome, Flight, FlightGuard, Outcome};
+use super::cell::Token;
 use super::oauth::{GrantRequest, TokenError};
-use super::{LastRefresh, Provider, Token, Trigger};
+use super::provider::{LastRefresh, Outcome, Provider, Trigger};
+use super::refresh::FlightGuard;
 use crate::secret::Secret;
 use crate::store::StoredToken;
 
@@ -32,23 +32,20 @@ impl Provider {
         if self.is_static() {
             return Err(TokenError::ClientSetup("not an OAuth provider".into()));
         }
-        let tx = loop {
+        let landing = loop {
             let pending = {
                 let mut st = self.state();
-                match &st.flight {
-                    Some(f) => f.outcome.clone(),
+                match st.flight.join() {
+                    Some((w, _)) => w,
                     None => {
-                        let (tx, rx) = watch::channel(None);
-                        st.flight = Some(Flight {
-                            outcome: rx,
-                            above: self.current().map(|t| t.generation),
-                        });
+                        let held = self.current().map(|t| t.generation);
+                        let (landing, _) = st.flight.begin(held);
                         st.last_start = Some(Instant::now());
-                        break tx;
+                        break landing;
                     }
                 }
             };
-            let _ = wait_outcome(pending, Duration::from_secs(120)).await;
+            let _ = pending.wait(Duration::from_secs(120)).await;
         };
         let this = self.clone();
         let task = tokio::spawn(async move {
@@ -56,9 +53,9 @@ impl Provider {
             let started = Instant::now();
             let outcome = this.exchange_code(&code, &verifier, &redirect_uri).await;
             this.finish_authorization(started, &outcome);
-            this.state().flight = None;
+            this.state().flight.end();
             guard.0 = None;
-            let _ = tx.send(Some(outcome.clone()));
+            landing.land(outcome.clone());
             outcome
         });
         task.await.unwrap_or(Err(TokenError::Abandoned))

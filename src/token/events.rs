@@ -3,12 +3,9 @@
 //! are rare (one per token request), so a small mutex is fine here; the request
 //! path never touches it.
 
+use crate::audit::TokenEvent;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
-
-use super::{Provider, Trigger};
-use crate::audit::TokenEvent;
 
 /// How many token events the console keeps.
 pub const EVENTS_KEPT: usize = 50;
@@ -50,40 +47,11 @@ impl TokenEvents {
     }
 }
 
-impl Provider {
-    /// Reports one token event: metrics, the console's ring, the audit log.
-    pub(super) fn record_event(
-        &self,
-        trigger: Trigger,
-        outcome: &'static str,
-        generation: Option<u64>,
-        expires_in_s: Option<u64>,
-        elapsed: Duration,
-        error: Option<String>,
-    ) {
-        self.metrics.refresh(trigger.as_str(), outcome);
-        let ev = TokenEventRecord {
-            ts: SystemTime::now(),
-            event: "token_refresh",
-            provider: self.name.clone(),
-            trigger: trigger.as_str(),
-            outcome,
-            generation,
-            expires_in_s,
-            duration_ms: elapsed.as_millis() as u64,
-            error,
-        };
-        if let Some(audit) = &self.audit {
-            audit.token(ev.clone());
-        }
-        self.events.push(ev);
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     fn ev(n: u64) -> TokenEventRecord {
         TokenEventRecord {

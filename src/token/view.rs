@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{LastRefresh, Provider};
+use super::provider::{LastRefresh, Provider};
 
 /// A provider's state as the console names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl Provider {
             ProviderState::ReauthorizationRequired
         } else if st.failures > 0 {
             ProviderState::Failing
-        } else if st.flight.is_some() {
+        } else if st.flight.in_flight() {
             ProviderState::Refreshing
         } else if !valid {
             ProviderState::Expired
@@ -75,7 +75,7 @@ impl Provider {
         };
         // The refresher adds up to a tenth of the margin as jitter: this is the
         // latest it will start.
-        let next_refresh_in = if self.is_static() || st.reauth_required || st.flight.is_some() {
+        let next_refresh_in = if self.is_static() || st.reauth_required || st.flight.in_flight() {
             None
         } else if let Some(at) = st.retry_at {
             Some(at.saturating_duration_since(now))
