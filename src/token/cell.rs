@@ -184,6 +184,26 @@ mod tests {
     }
 
     #[test]
+    fn a_publisher_overtaken_mid_way_judges_the_token_actually_replaced() {
+        let cell = TokenCell::default();
+        assert!(cell.publish(&token(1), |_| true));
+        let (two, three) = (token(2), token(3));
+        let mut judged = Vec::new();
+        let published = cell.publish(&two, |held| {
+            let g = held.map(|h| h.generation);
+            if judged.is_empty() {
+                // Another publisher lands between this look and the swap.
+                assert!(cell.publish(&three, |_| true));
+            }
+            judged.push(g);
+            g.is_none_or(|g| g < 2)
+        });
+        assert!(!published, "generation 3 landed first and stays");
+        assert_eq!(judged, [Some(1), Some(3)]);
+        assert_eq!(cell.current().unwrap().generation, 3);
+    }
+
+    #[test]
     fn a_header_value_is_built_once_and_sensitive() {
         let t = token(7);
         assert_eq!(t.header_value, "Bearer t7");
