@@ -3,7 +3,11 @@
 //! without a database.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use super::schema::SCHEMA_VERSION;
+use super::url::{take_tls_params, TlsMode};
 use super::*;
+use tokio::sync::mpsc;
+use tokio_postgres::config::SslMode;
 
 const WAIT: Duration = Duration::from_secs(10);
 const NO_POLL: Duration = Duration::from_secs(3600);
