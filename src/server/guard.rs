@@ -78,6 +78,9 @@ pin_project_lite::pin_project! {
         header_timeout: Duration,
         idle_timeout: Duration,
         seen_started: u64,
+        // Final response heads written for requests the service answered: a head
+        // while none is owed (all started requests have theirs) is hyper's own.
+        heads_written: u64,
         head_deadline: Option<Instant>,
         last_activity: Instant,
         // Armed lazily: it may fire before the deadline of the moment, which is
@@ -111,6 +114,7 @@ impl<S> Guarded<S> {
             header_timeout,
             idle_timeout,
             seen_started: 0,
+            heads_written: 0,
             head_deadline: None,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(first)),
@@ -183,9 +187,8 @@ fn closing_answer(err: &ProxyError, message: Option<&str>) -> Vec<u8> {
     err.to_closing_bytes(id.to_str().unwrap_or_default(), message)
 }
 
-/// hyper's own answer to a head it could not parse (written while no request is
-/// in flight, so it can be nothing else), as the contract's error. `None` for
-/// anything else.
+/// hyper's own answer to a head it could not parse, as the contract's error.
+/// `None` for any other status.
 fn parse_error_answer(data: &[u8]) -> Option<Vec<u8>> {
     let err = match data.strip_prefix(b"HTTP/1.")?.get(2..5)? {
         b"400" => ProxyError::BadRequest("malformed request"),
@@ -193,24 +196,7 @@ fn parse_error_answer(data: &[u8]) -> Option<Vec<u8>> {
         b"431" | b"414" => ProxyError::HeadersTooLarge,
         _ => return None,
     };
-    // A small response body is done (and its request counted finished) before
-    // hyper writes the head, so "no request in flight" also fits the service's
-    // own answers; those always name their content type, hyper's never do.
-    if has_content_type(data) {
-        return None;
-    }
     Some(closing_answer(&err, None))
-}
-
-/// Whether the response head at the start of `data` has a `content-type` field.
-fn has_content_type(data: &[u8]) -> bool {
-    let head_end = data
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(data.len());
-    data[..head_end]
-        .split(|b| *b == b'\n')
-        .any(|line| line.len() > 13 && line[..13].eq_ignore_ascii_case(b"content-type:"))
 }
 
 impl<S: AsyncRead + AsyncWrite> AsyncRead for Guarded<S> {
@@ -339,20 +325,32 @@ fn unpark(parked_busy: &mut bool, state: &ConnState, cx: &mut Context<'_>) {
 /// Whether hyper's bytes are kept from the caller: once the gateway writes its
 /// own closing answer, and for hyper's own answer to a head it could not parse,
 /// which becomes the contract's JSON error (hyper's has no body).
+///
+/// Every request the service was called for (`started`) gets one final head from
+/// it; hyper writes its own only when none is owed. Counting heads, rather than
+/// asking whether a request is in flight, matters for an answer with an empty
+/// body: hyper finishes (and drops) that body before it writes the head.
 fn swallowed(
     data: &[u8],
     closing: &mut Option<(Vec<u8>, usize)>,
+    heads_written: &mut u64,
     state: &ConnState,
     http2: bool,
 ) -> bool {
     if closing.is_some() {
         return true;
     }
-    // A response with no request in flight can only be hyper's own.
-    if http2
-        || !data.starts_with(b"HTTP/1.")
-        || state.started.load(Ordering::SeqCst) != state.finished.load(Ordering::SeqCst)
-    {
+    // 1xx heads (100 Continue) are hyper's, ahead of the service's final head.
+    if http2 || !data.starts_with(b"HTTP/1.") || data.get(9) == Some(&b'1') {
+        return false;
+    }
+    let started = state.started.load(Ordering::SeqCst);
+    if *heads_written < started {
+        *heads_written += 1;
+        return false;
+    }
+    // Not a head at all: the rest of a body still being written.
+    if started != state.finished.load(Ordering::SeqCst) {
         return false;
     }
     *closing = parse_error_answer(data).map(|msg| (msg, 0));
@@ -375,7 +373,13 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        if swallowed(data, this.closing, this.state, *this.http2) {
+        if swallowed(
+            data,
+            this.closing,
+            this.heads_written,
+            this.state,
+            *this.http2,
+        ) {
             return Poll::Ready(Ok(data.len()));
         }
         let r = this.inner.poll_write(cx, data);
@@ -419,7 +423,13 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
             .iter()
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
-        if swallowed(first, this.closing, this.state, *this.http2) {
+        if swallowed(
+            first,
+            this.closing,
+            this.heads_written,
+            this.state,
+            *this.http2,
+        ) {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         let r = this.inner.poll_write_vectored(cx, bufs);
@@ -434,19 +444,39 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for Guarded<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_error_answer;
+    use super::*;
+
+    const BARE_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
 
     #[test]
     fn only_hypers_own_bare_answers_become_the_contract_error() {
-        // hyper's answer to a head it could not parse: no content type.
-        assert!(
-            parse_error_answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").is_some()
-        );
-        // The service's own 400 (a page, a JSON error) goes out as it is.
-        assert!(parse_error_answer(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html; charset=utf-8\r\ncontent-length: 5\r\n\r\nhello"
-        )
-        .is_none());
+        let state = ConnState::default();
+        let (mut closing, mut heads) = (None, 0);
+        // Nothing asked of the service yet: a 400 is hyper's, for a head it
+        // could not parse.
+        assert!(swallowed(BARE_400, &mut closing, &mut heads, &state, false));
+        assert!(closing.take().is_some());
+        // The service answered a request with a bare 400 (its body already done
+        // when the head goes out): it goes out as it is.
+        state.started.store(1, Ordering::SeqCst);
+        state.finished.store(1, Ordering::SeqCst);
+        assert!(!swallowed(
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            &mut closing,
+            &mut heads,
+            &state,
+            false
+        ));
+        assert!(!swallowed(
+            BARE_400,
+            &mut closing,
+            &mut heads,
+            &state,
+            false
+        ));
+        assert_eq!(heads, 1);
+        // With the service's head written, the next bare 400 is hyper's again.
+        assert!(swallowed(BARE_400, &mut closing, &mut heads, &state, false));
         assert!(parse_error_answer(b"HTTP/1.1 200 OK\r\n\r\n").is_none());
     }
 }

@@ -273,3 +273,26 @@ async fn graceful_shutdown_drains_a_slow_request() {
         "listener must be closed"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_error_without_a_body_passes_through_as_it_is() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&static_config(&up)).await;
+    let c = Client::new();
+    // The codes hyper uses for its own answers to heads it cannot parse: the
+    // gateway turns those into its JSON error, never the upstream's.
+    for code in [400u16, 414, 431] {
+        let r = c
+            .send(
+                Method::GET,
+                &gw.url(&format!("/open/bare/{code}")),
+                &[("x-request-id", "caller-id-7")],
+                bytes::Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), code);
+        assert!(r.body.is_empty(), "{code}: {:?}", r.text());
+        assert_eq!(r.header("x-request-id"), Some("caller-id-7"), "{code}");
+        assert_ne!(r.header("connection"), Some("close"), "{code}");
+    }
+}

@@ -3,6 +3,7 @@
 //!
 //! Paths with meaning: `/big/<bytes>` streams that many bytes in 64 KiB chunks,
 //! `/slow/<ms>` answers after a delay, `/status/<code>` answers that status,
+//! `/bare/<code>` answers that status with no body and no content type,
 //! `/redirect` answers 302 to another host. Anything else answers 200 with the
 //! request echoed as JSON.
 
@@ -136,10 +137,9 @@ async fn handle(
             return r;
         }
     }
-    let mut segs = path
-        .trim_start_matches('/')
-        .split('/')
-        .skip_while(|s| *s != "big" && *s != "slow" && *s != "status" && *s != "redirect");
+    let mut segs = path.trim_start_matches('/').split('/').skip_while(|s| {
+        *s != "big" && *s != "slow" && *s != "status" && *s != "bare" && *s != "redirect"
+    });
     match (segs.next(), segs.next()) {
         (Some("big"), Some(n)) => {
             let total: usize = n.parse().unwrap_or(0);
@@ -168,6 +168,11 @@ async fn handle(
         }
         (Some("status"), Some(code)) => {
             let mut r = Response::new(full(format!("status {code}")));
+            *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+            r
+        }
+        (Some("bare"), Some(code)) => {
+            let mut r = Response::new(full(""));
             *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
             r
         }
