@@ -9,6 +9,7 @@ pub mod client;
 pub mod db;
 pub mod gateway;
 pub mod idp;
+pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
@@ -103,15 +104,21 @@ impl std::io::Write for LogWriter {
     }
 }
 
-/// Polls `cond` until it holds, failing the test after 20 s. Tests wait on
-/// conditions, never on fixed sleeps.
+/// Polls `cond` until it holds, failing the test after 20 s, also when one poll
+/// never returns (a request nobody answers). Tests wait on conditions, never on
+/// fixed sleeps.
 pub async fn until<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !cond().await {
+    loop {
+        match tokio::time::timeout_at(deadline, cond()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!("timed out waiting for: {what}"),
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for: {what}"
