@@ -40,6 +40,16 @@ fn native_roots() -> &'static [CertificateDer<'static>] {
     })
 }
 
+/// The OS trust roots (read once) and `extra`.
+fn os_roots_and(extra: Vec<CertificateDer<'static>>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots().iter().cloned());
+    for cert in extra {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
 pub fn load_certs(
     path: &Path,
     what: &'static str,
@@ -69,7 +79,8 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// A client config that verifies through the operating system's verifier (on
 /// Windows the certificate store with its enterprise and TLS-inspection roots,
-/// revocation as Windows checks it; elsewhere the system's CA bundle), trusting
+/// revocation as Windows checks it; elsewhere webpki over the system's CA bundle,
+/// read once per process), trusting
 /// `extra_ca` too, presenting `client` (cert, key) when set, offering h2 and
 /// http/1.1 by ALPN when `h2` is true.
 pub fn client_config(
@@ -83,6 +94,7 @@ pub fn client_config(
     };
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    #[cfg(windows)]
     let builder = match rustls_platform_verifier::Verifier::new_with_extra_roots(
         extra.iter().cloned(),
         provider(),
@@ -95,14 +107,13 @@ pub fn client_config(
         // OS store's roots plus the extra ones are verified by webpki instead.
         Err(e) => {
             tracing::warn!(error = %e, "the OS verifier cannot take extra roots here; verifying with the OS roots and `ca` through webpki");
-            let mut roots = RootCertStore::empty();
-            roots.add_parsable_certificates(native_roots().iter().cloned());
-            for cert in extra {
-                roots.add(cert)?;
-            }
-            builder.with_root_certificates(roots)
+            builder.with_root_certificates(os_roots_and(extra)?)
         }
     };
+    // Elsewhere the OS verifier is webpki over the system's CA bundle, which it
+    // would read again for every config: the bundle read once is the same trust.
+    #[cfg(not(windows))]
+    let builder = builder.with_root_certificates(os_roots_and(extra)?);
     let cfg = match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,

@@ -199,53 +199,52 @@ fn take_output(out: CRYPT_INTEGER_BLOB) -> Vec<u8> {
 /// Encrypts `plain` for the current account (DPAPI), with `entropy` bound to it:
 /// the same entropy is needed to decrypt.
 pub(crate) fn dpapi_protect(plain: &[u8], entropy: &[u8]) -> std::io::Result<Vec<u8>> {
-    let input = blob(plain)?;
-    let entropy = blob(entropy)?;
-    let mut out = CRYPT_INTEGER_BLOB {
-        cbData: 0,
-        pbData: std::ptr::null_mut(),
-    };
-    // SAFETY: the input blobs point into live slices for the call; no description,
-    // reserved or prompt arguments; `out` receives an allocation taken below.
-    let ok = unsafe {
+    // SAFETY: the blobs point into live slices for the call; no description,
+    // reserved or prompt arguments; `out` receives an allocation `dpapi` takes.
+    dpapi(plain, entropy, |input, entropy, out| unsafe {
         CryptProtectData(
-            &input,
+            input,
             std::ptr::null(),
-            &entropy,
+            entropy,
             std::ptr::null(),
             std::ptr::null(),
             CRYPTPROTECT_UI_FORBIDDEN,
-            &mut out,
+            out,
         )
-    };
-    if ok == 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(take_output(out))
+    })
 }
 
 /// Decrypts what [`dpapi_protect`] made, under the same account (and machine),
 /// with the same entropy; anything else (another account, altered data) fails.
 pub(crate) fn dpapi_unprotect(sealed: &[u8], entropy: &[u8]) -> std::io::Result<Vec<u8>> {
-    let input = blob(sealed)?;
+    // SAFETY: as in `dpapi_protect`; no description is asked for.
+    dpapi(sealed, entropy, |input, entropy, out| unsafe {
+        CryptUnprotectData(
+            input,
+            std::ptr::null_mut(),
+            entropy,
+            std::ptr::null(),
+            std::ptr::null(),
+            CRYPTPROTECT_UI_FORBIDDEN,
+            out,
+        )
+    })
+}
+
+/// One DPAPI call over `data` and `entropy`: `call` returns the API's BOOL and
+/// fills its output blob, which is copied out and freed.
+fn dpapi(
+    data: &[u8],
+    entropy: &[u8],
+    call: impl FnOnce(&CRYPT_INTEGER_BLOB, &CRYPT_INTEGER_BLOB, &mut CRYPT_INTEGER_BLOB) -> i32,
+) -> std::io::Result<Vec<u8>> {
+    let input = blob(data)?;
     let entropy = blob(entropy)?;
     let mut out = CRYPT_INTEGER_BLOB {
         cbData: 0,
         pbData: std::ptr::null_mut(),
     };
-    // SAFETY: as in `dpapi_protect`; no description is asked for.
-    let ok = unsafe {
-        CryptUnprotectData(
-            &input,
-            std::ptr::null_mut(),
-            &entropy,
-            std::ptr::null(),
-            std::ptr::null(),
-            CRYPTPROTECT_UI_FORBIDDEN,
-            &mut out,
-        )
-    };
-    if ok == 0 {
+    if call(&input, &entropy, &mut out) == 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(take_output(out))

@@ -63,7 +63,9 @@ pub fn needs_password(account: Option<&str>) -> bool {
             !(a.eq_ignore_ascii_case("LocalSystem")
                 || a.eq_ignore_ascii_case("LocalService")
                 || a.eq_ignore_ascii_case("NetworkService")
-                || a.len() > 11 && a[..11].eq_ignore_ascii_case(r"NT SERVICE\"))
+                || a.len() > 11
+                    && a.get(..11)
+                        .is_some_and(|p| p.eq_ignore_ascii_case(r"NT SERVICE\")))
         }
     }
 }
@@ -96,5 +98,7 @@ mod tests {
         assert!(!needs_password(Some(r"NT SERVICE\other")));
         assert!(needs_password(Some(r"CORP\svc-gw")));
         assert!(needs_password(Some("svc@corp.example")));
+        // Byte 11 inside a character: a user account, not a panic.
+        assert!(needs_password(Some("CORP\\ab-äääää")));
     }
 }

@@ -372,7 +372,7 @@ impl Reporter {
             process_id: None,
         };
         if let Err(e) = self.handle.set_service_status(status) {
-            tracing::warn!(error = %e, "cannot report the service status");
+            tracing::warn!(error = %describe_manager_error(&e), "cannot report the service status");
         }
     }
 

@@ -443,7 +443,16 @@ mod tests {
         let first = s.first().await.unwrap();
         assert!(first.to_str().unwrap().starts_with("NTLM TlRMTVNTUAAB"));
         assert!(first.is_sensitive());
-        // A bare NTLM on the next 407 is a refusal: nothing more to say.
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let challenge = b64.encode(super::ntlm::tests::challenge_message(
+            &super::ntlm::tests::spec_challenge(),
+        ));
+        let second = s.answer(&challenge).await.unwrap().unwrap();
+        assert!(second.to_str().unwrap().starts_with("NTLM TlRMTVNTUAAD"));
+        // A second challenge in the same handshake is a refusal: nothing more
+        // to say, never a loop.
+        assert!(s.answer(&challenge).await.unwrap().is_none());
+        // Nor is a challenge that is not base64 an answer.
         assert!(s.answer("%%%").await.is_err());
     }
 }

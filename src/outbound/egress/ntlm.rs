@@ -275,7 +275,7 @@ fn av_pair(mut info: &[u8], id: u16) -> Option<&[u8]> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
@@ -291,7 +291,7 @@ mod tests {
         NtlmAccount::new("Domain\\User", Secret::new("Password"))
     }
 
-    fn spec_challenge() -> Challenge {
+    pub(in crate::outbound::egress) fn spec_challenge() -> Challenge {
         // MsvAvNbDomainName "Domain", MsvAvNbComputerName "Server", MsvAvEOL.
         let mut info = vec![2, 0, 12, 0];
         info.extend(utf16le("Domain"));
@@ -303,6 +303,22 @@ mod tests {
             server_challenge: hex("0123456789abcdef").try_into().unwrap(),
             target_info: info,
         }
+    }
+
+    /// The type-2 (CHALLENGE) message a proxy would send for `c`.
+    pub(in crate::outbound::egress) fn challenge_message(c: &Challenge) -> Vec<u8> {
+        let mut msg = SIGNATURE.to_vec();
+        msg.extend(2u32.to_le_bytes());
+        msg.extend([0; 8]); // target name
+        msg.extend((c.flags | NEGOTIATE_TARGET_INFO).to_le_bytes());
+        msg.extend(c.server_challenge);
+        msg.extend([0; 8]);
+        let len = c.target_info.len() as u16;
+        msg.extend(len.to_le_bytes());
+        msg.extend(len.to_le_bytes());
+        msg.extend(48u32.to_le_bytes());
+        msg.extend(&c.target_info);
+        msg
     }
 
     #[test]
@@ -344,18 +360,7 @@ mod tests {
     #[test]
     fn a_challenge_round_trips_and_the_answer_names_the_account() {
         let c = spec_challenge();
-        let mut msg = SIGNATURE.to_vec();
-        msg.extend(2u32.to_le_bytes());
-        msg.extend([0; 8]); // target name
-        msg.extend((c.flags | NEGOTIATE_TARGET_INFO).to_le_bytes());
-        msg.extend(c.server_challenge);
-        msg.extend([0; 8]);
-        let len = c.target_info.len() as u16;
-        msg.extend(len.to_le_bytes());
-        msg.extend(len.to_le_bytes());
-        msg.extend(48u32.to_le_bytes());
-        msg.extend(&c.target_info);
-        let parsed = parse_challenge(&msg).unwrap();
+        let parsed = parse_challenge(&challenge_message(&c)).unwrap();
         assert_eq!(parsed.server_challenge, c.server_challenge);
         assert_eq!(parsed.target_info, c.target_info);
 
