@@ -53,9 +53,7 @@ pub async fn serve<B>(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return method_not_allowed();
     }
-    if reauth::is_callback_path(gw, path) {
-        return reauth::callback(gw, console, &req).await;
-    }
+    // The fixed paths first: a `redirect_uri` naming one of them must not take it.
     match path {
         "/" => console::page(gw, console),
         "/events" => json(
@@ -79,6 +77,7 @@ pub async fn serve<B>(
             );
             resp
         }
+        _ if reauth::is_callback_path(gw, path) => reauth::callback(gw, console, &req).await,
         _ => not_found(),
     }
 }

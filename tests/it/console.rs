@@ -801,3 +801,43 @@ async fn the_egress_proxy_in_use_is_shown_without_credentials() {
     assert!(!html.contains("proxy-pass-never-shown"));
     assert!(!html.contains("proxyuser"));
 }
+
+#[tokio::test]
+async fn a_redirect_uri_path_reaches_the_callback_but_never_takes_a_fixed_path() {
+    let idp = MockIdp::start_with(true).await;
+    let up = MockUpstream::with_idp(&idp).await;
+    let custom = config(&idp, &up, OPEN_ADMIN).replace(
+        "scope = \"erp.read offline_access\"",
+        "scope = \"erp.read offline_access\"\nredirect_uri = \"https://gw.example/sso/back\"",
+    );
+    let gw = TestGateway::start(&custom).await;
+    settled(&gw).await;
+    let c = Client::new();
+    // The IdP sends the browser to the configured address; behind the reverse
+    // proxy that is this listener, at the same path.
+    let to_idp = location(&c.get(&gw.admin_url("/providers/erp/authorize")).await);
+    let back = location(&c.get(&to_idp).await);
+    let path_and_query = back.strip_prefix("https://gw.example").expect(&back);
+    assert!(path_and_query.starts_with("/sso/back?"), "{back}");
+    let done = c.get(&gw.admin_url(path_and_query)).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.text());
+    assert_eq!(idp.codes_redeemed(), 1);
+
+    // A redirect_uri naming a fixed path leaves that path as it is.
+    let taken = config(&idp, &up, OPEN_ADMIN).replace(
+        "scope = \"erp.read offline_access\"",
+        "scope = \"erp.read offline_access\"\nredirect_uri = \"https://gw.example/readyz\"",
+    );
+    let gw2 = TestGateway::start(&taken).await;
+    settled(&gw2).await;
+    let ready = c.get(&gw2.admin_url("/readyz")).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    assert_eq!(ready.json()["provider"], "erp");
+    gw.stop().await;
+    gw2.stop().await;
+}
