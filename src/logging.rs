@@ -34,13 +34,16 @@ pub struct LogFile<'a> {
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-fn fmt_layer<W>(format: Format, writer: W, ansi: bool) -> BoxedLayer
+/// `plain`: never colour (a file); otherwise tracing-subscriber's default, which
+/// colours a terminal unless `NO_COLOR` is set.
+fn fmt_layer<W>(format: Format, writer: W, plain: bool) -> BoxedLayer
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_ansi(ansi);
+    let mut layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    if plain {
+        layer = layer.with_ansi(false);
+    }
     match format {
         Format::Json => layer.json().boxed(),
         Format::Pretty => layer.boxed(),
@@ -104,12 +107,12 @@ pub fn init(format: Format, stderr: bool, file: Option<LogFile<'_>>) -> Result<L
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let mut layers: Vec<BoxedLayer> = Vec::new();
     if stderr {
-        layers.push(fmt_layer(format, std::io::stderr, true));
+        layers.push(fmt_layer(format, std::io::stderr, false));
     }
     let mut guard = None;
     if let Some(file) = file {
         let (writer, g) = tracing_appender::non_blocking(rolling(file)?);
-        layers.push(fmt_layer(format, writer, false));
+        layers.push(fmt_layer(format, writer, true));
         guard = Some(g);
     }
     tracing_subscriber::registry()
