@@ -485,10 +485,6 @@ impl ProviderMetrics {
         self.expiry.set(secs.unwrap_or(-1.0));
     }
 
-    pub fn store_error(&self) {
-        self.metrics.store_error();
-    }
-
     pub fn proxy_auth_failure(&self) {
         self.metrics.proxy_auth_failures.inc();
     }

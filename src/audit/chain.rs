@@ -38,10 +38,6 @@ impl ChainKey {
         ChainKey(None)
     }
 
-    pub fn is_keyed(&self) -> bool {
-        self.0.is_some()
-    }
-
     /// The `chain` of a line whose chained bytes are `parts` concatenated.
     pub fn link(&self, prev: &[u8; 64], parts: &[&[u8]]) -> [u8; 64] {
         let mut out = [0u8; 64];

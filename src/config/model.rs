@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, Uri};
@@ -380,14 +380,3 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-impl Config {
-    /// The folder relative paths are resolved against.
-    pub fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or_else(|| Path::new("."))
-    }
-
-    pub fn route_by_name(&self, name: &str) -> Option<&RouteConfig> {
-        self.routes.iter().find(|r| r.name == name)
-    }
-}

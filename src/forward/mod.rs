@@ -325,8 +325,6 @@ fn proxy<'a>(
     }
 }
 
-/// An absolute-form request naming the gateway's own address is allowed (some
-/// clients always send absolute-form); any other host is an open-proxy attempt.
 /// Shapes hyper accepts but that another HTTP implementation could frame or route
 /// differently (request smuggling): refused rather than normalized.
 fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
@@ -360,6 +358,8 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
+/// An absolute-form request naming the gateway's own address is allowed (some
+/// clients always send absolute-form); any other host is an open-proxy attempt.
 fn is_self(uri: &Uri, conn: &ConnInfo) -> bool {
     let Some(auth) = uri.authority() else {
         return true;

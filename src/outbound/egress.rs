@@ -34,9 +34,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::body::BoxError;
 use crate::config::Outbound;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Resolved `[outbound]` settings: which destinations use which proxy, and how
 /// to authenticate to it. Cheap to clone.

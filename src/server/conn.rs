@@ -110,7 +110,10 @@ impl Conn {
             } else {
                 futures_util::future::Either::Right(handler(req, info.clone()))
             };
-            Counted { inner: fut, state }
+            Counted {
+                inner: fut,
+                state: Some(state),
+            }
         });
         let result = if h2 {
             let conn = self
@@ -276,7 +279,8 @@ pin_project_lite::pin_project! {
     struct Counted<F> {
         #[pin]
         inner: F,
-        state: Arc<ConnState>,
+        // Handed on to the response body: one reference per request, not two.
+        state: Option<Arc<ConnState>>,
     }
 }
 
@@ -288,10 +292,11 @@ impl<F: Future<Output = Response<GatewayBody>>> Future for Counted<F> {
         let resp = ready!(this.inner.poll(cx));
         // The request counts as finished when its response body is done (or
         // dropped), so a long-streaming response is never taken for idleness.
-        Poll::Ready(Ok(resp.map(|inner| CountedBody {
-            inner,
-            state: this.state.clone(),
-        })))
+        // Polled again after it answered (hyper never does), it stays pending.
+        let Some(state) = this.state.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(resp.map(|inner| CountedBody { inner, state })))
     }
 }
 

@@ -10,14 +10,11 @@ use std::sync::{Arc, Mutex};
 /// How many token events the console keeps.
 pub const EVENTS_KEPT: usize = 50;
 
-/// One token event: the audit log's token-event line, also kept for the console.
-pub type TokenEventRecord = TokenEvent;
-
 /// A bounded ring of the newest token events, shared by every provider across
 /// reloads.
 #[derive(Debug, Default)]
 pub struct TokenEvents {
-    ring: Mutex<VecDeque<TokenEventRecord>>,
+    ring: Mutex<VecDeque<TokenEvent>>,
 }
 
 impl TokenEvents {
@@ -25,7 +22,7 @@ impl TokenEvents {
         Arc::new(Self::default())
     }
 
-    pub fn push(&self, ev: TokenEventRecord) {
+    pub fn push(&self, ev: TokenEvent) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if ring.len() == EVENTS_KEPT {
             ring.pop_front();
@@ -34,14 +31,14 @@ impl TokenEvents {
     }
 
     /// The events kept, newest first.
-    pub fn newest_first(&self) -> Vec<TokenEventRecord> {
+    pub fn newest_first(&self) -> Vec<TokenEvent> {
         let mut v = self.oldest_first();
         v.reverse();
         v
     }
 
     /// The events kept, in the order they happened (as in the audit log).
-    pub fn oldest_first(&self) -> Vec<TokenEventRecord> {
+    pub fn oldest_first(&self) -> Vec<TokenEvent> {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         ring.iter().cloned().collect()
     }
@@ -53,8 +50,8 @@ mod tests {
     use super::*;
     use std::time::SystemTime;
 
-    fn ev(n: u64) -> TokenEventRecord {
-        TokenEventRecord {
+    fn ev(n: u64) -> TokenEvent {
+        TokenEvent {
             ts: SystemTime::now(),
             event: "token_refresh",
             provider: Arc::from("p"),

@@ -32,7 +32,7 @@ mod tests;
 mod view;
 
 pub use cell::{Credential, NotAHeaderValue, Token, TokenCell};
-pub use events::{TokenEventRecord, TokenEvents, EVENTS_KEPT};
+pub use events::{TokenEvents, EVENTS_KEPT};
 pub use provider::{
     LastRefresh, Provider, ProviderDeps, ProviderError, ProviderStatus, Trigger, Unavailable,
 };

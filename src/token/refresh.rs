@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::cell::Token;
-use super::events::TokenEventRecord;
 use super::flight::Waiter;
 use super::oauth::{GrantRequest, Retry, TokenError};
 use super::policy;
 use super::provider::{LastRefresh, Outcome, Provider, State, Trigger};
 use super::store_handle::{Adopt, StoreFailure};
+use crate::audit::TokenEvent;
 use crate::config::Grant;
 use crate::store::StoredToken;
 
@@ -349,7 +349,7 @@ impl Provider {
         error: Option<String>,
     ) {
         self.metrics.refresh(trigger.as_str(), outcome);
-        let ev = TokenEventRecord {
+        let ev = TokenEvent {
             ts: SystemTime::now(),
             event: "token_refresh",
             provider: self.name.clone(),
