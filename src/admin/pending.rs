@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock, so a test can move it.
+use tokio::time::Instant;
 
 use crate::secret::Secret;
 
@@ -50,8 +53,8 @@ impl Pending {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_state_is_good_once_and_for_ten_minutes() {
+    #[tokio::test(start_paused = true)]
+    async fn a_state_is_good_once_and_for_ten_minutes() {
         let pending = Pending::default();
         let started = |at| Started {
             provider: "p".into(),
@@ -63,10 +66,11 @@ mod tests {
         assert!(pending.take("s1").is_some());
         assert!(pending.take("s1").is_none());
         assert!(pending.take("unknown").is_none());
-        if let Some(long_ago) = Instant::now().checked_sub(STATE_LIFETIME + Duration::from_secs(1))
-        {
-            pending.insert("old".into(), started(long_ago));
-            assert!(pending.take("old").is_none());
-        }
+        pending.insert("old".into(), started(Instant::now()));
+        pending.insert("young".into(), started(Instant::now()));
+        tokio::time::advance(STATE_LIFETIME - Duration::from_millis(1)).await;
+        assert!(pending.take("young").is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(pending.take("old").is_none());
     }
 }

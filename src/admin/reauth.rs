@@ -4,12 +4,11 @@
 //! hands the code to the provider. The state lives here, in memory, for ten
 //! minutes; the verifier never leaves this process except to the token endpoint.
 
-use std::time::Instant;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use http::header::{CACHE_CONTROL, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
+use tokio::time::Instant;
 
 use super::actions;
 use super::console::{esc, html_page};

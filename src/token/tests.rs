@@ -212,7 +212,6 @@ async fn proactive_refresh_comes_within_the_jittered_margin() {
     let source = FakeSource::new(Duration::ZERO, Some(Duration::from_secs(600)));
     let p = provider(&source, "refresh_before = \"60s\"");
     assert_eq!(generation(&p).await, 1);
-    let obtained = Instant::now();
     // Due between 66 s (60 s plus up to 10 % jitter) and 60 s before expiry.
     tokio::time::advance(Duration::from_secs(600 - 66) - Duration::from_millis(1)).await;
     settle().await;
@@ -220,7 +219,6 @@ async fn proactive_refresh_comes_within_the_jittered_margin() {
     tokio::time::advance(Duration::from_secs(6) + Duration::from_millis(1)).await;
     settle().await;
     assert_eq!(source.requests(), 2, "not refreshed by the margin");
-    assert!(obtained.elapsed() <= Duration::from_secs(540));
     // Requests never waited for it: the old token served until the new one landed.
     assert_eq!(generation(&p).await, 2);
 }
